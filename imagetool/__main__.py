@@ -1,0 +1,3 @@
+from imagetool.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Turn results into what people read and pipelines parse; no decisions are made here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from imagetool.errors import ImagetoolError
+from imagetool.inspection import Report
+from imagetool.sizes import human
+
+ERROR_SCHEMA = "imagetool.error/1"
+
+
+_emitted = False
+
+
+def emit_json(document: dict[str, Any]) -> None:
+    """Write the one JSON object this run prints."""
+    global _emitted
+    _emitted = True
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def json_emitted() -> bool:
+    return _emitted
+
+
+def error_line(message: str) -> None:
+    sys.stderr.write(f"imagetool: error: {message}\n")
+
+
+def rejection_line(report: Report) -> None:
+    """The one stderr line a rejected image gets, naming the file and the first reason."""
+    if report.reasons:
+        first = report.reasons[0]
+        more = f" (+{len(report.reasons) - 1} more)" if len(report.reasons) > 1 else ""
+        error_line(f"{report.path}: {first.message} [{first.code}]{more}")
+
+
+def error_document(command: str, exc: ImagetoolError) -> dict[str, Any]:
+    return {"schema": ERROR_SCHEMA, "command": command, "ok": False,
+            "exit_code": int(exc.exit_code), "error": exc.as_dict()}
+
+
+def _size(value: int | None, mib: int | None = None) -> str:
+    if value is None:
+        return "-"
+    extra = f", {mib} MiB in the library" if mib is not None else ""
+    return f"{value} bytes ({human(value)}{extra})"
+
+
+def inspect_text(report: Report) -> str:
+    verdict = "safe" if report.safe else "REJECTED"
+    lines = [f"{report.path}: {verdict}"]
+    fmt = report.format or "-"
+    if report.partition_table:
+        fmt += f" ({report.partition_table.upper()} partition table)"
+    rows = [
+        ("format", fmt),
+        ("virtual_size", _size(report.virtual_size, report.virtual_size_mib)),
+        ("disk_size", _size(report.disk_size, report.disk_size_mib)
+         + ("" if report.disk_size_exact in (None, True) else
+            f" [estimate: {report.disk_size_method}]")),
+        ("file_size", _size(report.file_size)),
+        ("allocated_size", _size(report.allocated_size)),
+    ]
+    if report.qcow2:
+        q = report.qcow2
+        rows.append(("qcow2", f"compat {q.get('compat')}, {q.get('compression_type')} "
+                              f"compression, {q.get('cluster_size')}-byte clusters"))
+    if report.magic:
+        rows.append(("libmagic", report.magic))
+    lines += [f"  {name:<15}{value}" for name, value in rows]
+    lines += [f"  reason: {r.code}: {r.message}" for r in report.reasons]
+    lines += [f"  warning: {w.code}: {w.message}" for w in report.warnings]
+    return "\n".join(lines)
