@@ -42,6 +42,11 @@ CHECK_LIMITS = Limits(cpu_seconds=300, wall_seconds=600.0)
 BULK_LIMITS = Limits(address_space=4 * GiB, cpu_seconds=0, wall_seconds=0.0)
 
 
+# How qemu-img dies when RLIMIT_AS bites: at load time (ld.so) or at an allocation.
+_OUT_OF_MEMORY = ("Cannot allocate memory", "failed to map segment", "Failed to allocate",
+                  "Out of memory", "out of memory")
+
+
 class QemuLimitHit(ImagetoolError):
     """qemu-img was killed by a resource limit or timed out."""
 
@@ -89,7 +94,7 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def popen(args: list[str], fds: tuple[int, ...], limits: Limits = BULK_LIMITS,
+def popen(args: list[str], fds: tuple[int, ...], limits: Limits,
           **kwargs: Any) -> subprocess.Popen[bytes]:
     """Start qemu-img in its own process group (so it can be stopped whole)."""
     return subprocess.Popen(
@@ -97,22 +102,23 @@ def popen(args: list[str], fds: tuple[int, ...], limits: Limits = BULK_LIMITS,
         preexec_fn=_limiter(limits), start_new_session=True, **kwargs)
 
 
-def run(args: list[str], fds: tuple[int, ...] = (), limits: Limits = INFO_LIMITS,
+def run(args: list[str], fds: tuple[int, ...] = (), limits: Limits | None = None,
         ok_codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
-    """Run qemu-img to completion under `limits`; raise on a limit hit or an unexpected code."""
+    """Run qemu-img to completion under `limits` (default: INFO_LIMITS); raise on a limit hit."""
+    limits = limits or INFO_LIMITS
     proc = popen(args, fds, limits, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate(timeout=limits.wall_seconds or None)
     except subprocess.TimeoutExpired:
         stop(proc)
-        raise QemuLimitHit(f"qemu-img {args[0]} took longer than {limits.wall_seconds:.0f} s "
+        raise QemuLimitHit(f"qemu-img {args[0]} took longer than {limits.wall_seconds:g} s "
                            "and was stopped") from None
     except BaseException:
         stop(proc)
         raise
     stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
     if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU) or (
-            proc.returncode != 0 and "Cannot allocate memory" in stderr):
+            proc.returncode != 0 and any(sign in stderr for sign in _OUT_OF_MEMORY)):
         raise QemuLimitHit(f"qemu-img {args[0]} was stopped by a resource limit "
                            f"({limits.address_space >> 20} MiB memory, {limits.cpu_seconds} s CPU)")
     if proc.returncode not in ok_codes:

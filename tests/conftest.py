@@ -1,0 +1,93 @@
+"""Shared helpers: real images made on the fly with qemu-img, and the CLI run in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagetool import render
+from imagetool.cli import main
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+SAMPLE = FIXTURES / "sample.raw"
+CANARY = b"CANARY-imagetool-7f3a9c-host-secret\n"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """Run `imagetool ARGS…` in this process; return exit code, stdout and stderr."""
+
+    def run(*args: str | os.PathLike[str]) -> Result:
+        render._emitted = False
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def qemu_img(*args: str | os.PathLike[str]) -> None:
+    proc = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"qemu-img {args}: {proc.stderr}"
+
+
+def make_qcow2(path: Path, size: str = "64M", *opts: str) -> Path:
+    qemu_img("create", "-q", "-f", "qcow2", *opts, path, size)
+    return path
+
+
+def sparse_raw(path: Path, size: int, writes: dict[int, bytes] | None = None) -> Path:
+    with path.open("wb") as f:
+        f.truncate(size)
+        for offset, data in (writes or {}).items():
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+def patch(path: Path, offset: int, data: bytes) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def set_qcow2_incompatible_bits(path: Path, bits: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(72)
+        current, = struct.unpack(">Q", f.read(8))
+        f.seek(72)
+        f.write(struct.pack(">Q", current | bits))
+
+
+def canary(tmp_path: Path) -> Path:
+    path = tmp_path / "canary.raw"
+    path.write_bytes(CANARY * (1 << 16 // len(CANARY) + 1) + bytes(-len(CANARY) % 512))
+    return path
+
+
+def assert_no_leak(tmp_path: Path, *texts: str) -> None:
+    """The canary's bytes appear in no output and in no file but the canary itself."""
+    marker = CANARY.strip().decode()
+    for text in texts:
+        assert marker not in text
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.name != "canary.raw":
+            assert CANARY.strip() not in path.read_bytes(), f"canary leaked into {path}"
