@@ -18,10 +18,13 @@ import typer
 
 from imagetool.errors import ExitCode, ImageRejected, ImagetoolError, UsageProblem
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  pretty_exceptions_enable=False,
-                  help="Prepare virtual-disk images for a cloud image library, safely.")
-
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Prepare virtual-disk images for a cloud image library, safely.",
+)
 
 
 @app.callback()
@@ -66,11 +69,17 @@ def command(name: str) -> Callable[[F], F]:
 @command("inspect")
 def inspect_cmd(
     image: Annotated[str, typer.Argument(help="The disk image file.")],
-    format: Annotated[str | None, typer.Option(
-        "--format", "-f", help="The format you expect (raw, qcow2, vmdk, vdi, vhd, vhdx); "
-        "a different content is rejected.")] = None,
-    max_virtual_size: Annotated[str, typer.Option(
-        help="Refuse images whose virtual size is larger (binary units: 4T = 4 TiB).")] = "4T",
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="The format you expect (raw, qcow2, vmdk, vdi, vhd, vhdx); a different content is rejected.",
+        ),
+    ] = None,
+    max_virtual_size: Annotated[
+        str, typer.Option(help="Refuse images whose virtual size is larger (binary units: 4T = 4 TiB).")
+    ] = "4T",
     json_out: JsonOpt = False,
 ) -> int:
     """Report an image's true format, sizes and whether it is safe to touch."""
@@ -100,9 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code == ExitCode.USAGE and as_json and not render.json_emitted():
             # Typer rejected the command line before any command ran.
-            render.emit_json(render.error_document(
-                args[0] if args else "imagetool",
-                UsageProblem("invalid command line (see the message on stderr)")))
+            render.emit_json(
+                render.error_document(
+                    args[0] if args else "imagetool",
+                    UsageProblem("invalid command line (see the message on stderr)"),
+                )
+            )
     except Exception as exc:  # a bug: one line, and the traceback only when debugging
         if os.environ.get("IMAGETOOL_DEBUG"):
             raise

@@ -53,8 +53,11 @@ _MAGIC_VOTES: tuple[tuple[str, str | None, str], ...] = (
     ("Zstandard compressed data", None, "zstd-compressed data: decompress it first (unzstd FILE)"),
     ("bzip2 compressed data", None, "bzip2-compressed data: decompress it first (bunzip2 -k FILE)"),
     ("LZ4 compressed data", None, "LZ4-compressed data: decompress it first (unlz4 FILE)"),
-    ("POSIX tar archive", None,
-     "a tar archive (an OVA is one): extract it (tar -xf FILE) and use the disk image inside"),
+    (
+        "POSIX tar archive",
+        None,
+        "a tar archive (an OVA is one): extract it (tar -xf FILE) and use the disk image inside",
+    ),
     ("Zip archive", None, "a zip archive: extract it and use the disk image inside"),
 )
 
@@ -173,7 +176,8 @@ def _magic_vote(head: bytes) -> tuple[str, str | None, str]:
     except ImportError as exc:  # the Python binding loads libmagic.so at import
         raise EnvironmentProblem(
             f"libmagic is not available ({exc}); install it: apt-get install -y libmagic1",
-            code="missing_dependency") from None
+            code="missing_dependency",
+        ) from None
     description = magic.from_buffer(head) or ""
     for prefix, fmt, advice in _MAGIC_VOTES:
         if description.startswith(prefix):
@@ -201,17 +205,27 @@ def _qcow2_reasons(src: Source) -> list[Reason]:
     header = src.pread(min(src.size, 2 * 1024 * 1024), 0)
     if len(header) < 104:
         return [Reason("corrupt", "qcow2 header is truncated")]
-    version, = struct.unpack_from(">I", header, 4)
+    (version,) = struct.unpack_from(">I", header, 4)
     if version == 1:
-        return [Reason("unsupported_format", "this is a QCOW version 1 image, which is obsolete; "
-                       "convert it elsewhere with a trusted qemu-img first")]
+        return [
+            Reason(
+                "unsupported_format",
+                "this is a QCOW version 1 image, which is obsolete; "
+                "convert it elsewhere with a trusted qemu-img first",
+            )
+        ]
     reasons = []
-    cluster_bits, = struct.unpack_from(">I", header, 20)
-    crypt_method, = struct.unpack_from(">I", header, 32)
+    (cluster_bits,) = struct.unpack_from(">I", header, 20)
+    (crypt_method,) = struct.unpack_from(">I", header, 32)
     if crypt_method != 0:
         kind = {1: "AES", 2: "LUKS"}.get(crypt_method, f"method {crypt_method}")
-        reasons.append(Reason("encrypted", f"qcow2 image is encrypted ({kind}); its data cannot "
-                              "be inspected or converted without the key"))
+        reasons.append(
+            Reason(
+                "encrypted",
+                f"qcow2 image is encrypted ({kind}); its data cannot "
+                "be inspected or converted without the key",
+            )
+        )
     ext_offset = 72 if version == 2 else struct.unpack_from(">I", header, 100)[0]
     end = min(len(header), 1 << min(max(cluster_bits, 9), 21))
     while ext_offset + 8 <= end:
@@ -236,9 +250,12 @@ def detect(src: Source) -> Detection:
         found = ["iso"]
     if len(found) > 1:
         names = ", ".join(sorted(found))
-        result.reasons.append(Reason("multiple_formats",
-                                     f"content matches several formats at once ({names}): "
-                                     "a polyglot image is refused"))
+        result.reasons.append(
+            Reason(
+                "multiple_formats",
+                f"content matches several formats at once ({names}): a polyglot image is refused",
+            )
+        )
         return result
 
     oslo_name = found[0] if found else "raw"
@@ -251,12 +268,21 @@ def detect(src: Source) -> Detection:
     oslo_family = "qcow2" if magic_format == "qcow" else magic_format
     if magic_format and oslo_family != oslo_name and not (oslo_name == "gpt" and magic_format is None):
         if oslo_name == "raw" and magic_format in failed:
-            result.reasons.append(Reason("corrupt", f"looks like {magic_format} ({description}) "
-                                         f"but its header does not parse: {failed[magic_format]}"))
+            result.reasons.append(
+                Reason(
+                    "corrupt",
+                    f"looks like {magic_format} ({description}) "
+                    f"but its header does not parse: {failed[magic_format]}",
+                )
+            )
         else:
-            result.reasons.append(Reason("multiple_formats",
-                                         f"libmagic sees {description!r} where the format "
-                                         f"inspector sees {oslo_name}: refused as ambiguous"))
+            result.reasons.append(
+                Reason(
+                    "multiple_formats",
+                    f"libmagic sees {description!r} where the format "
+                    f"inspector sees {oslo_name}: refused as ambiguous",
+                )
+            )
         return result
 
     inspector = inspectors[oslo_name]
@@ -271,14 +297,16 @@ def detect(src: Source) -> Detection:
     if oslo_name == "vmdk":
         vmdk_type = getattr(inspector, "vmdktype", "formatnotfound")
         if vmdk_type not in ("monolithicsparse", "streamoptimized"):
-            result.reasons.append(Reason(
-                "unsupported_format",
-                f"VMDK of type {vmdk_type!r} keeps its data in other files; only "
-                "monolithicSparse and streamOptimized VMDKs are accepted"))
+            result.reasons.append(
+                Reason(
+                    "unsupported_format",
+                    f"VMDK of type {vmdk_type!r} keeps its data in other files; only "
+                    "monolithicSparse and streamOptimized VMDKs are accepted",
+                )
+            )
             result.format = None
             return result
-    result.reasons.extend(r for r in _safety_reasons(inspector, oslo_name)
-                          if r not in result.reasons)
+    result.reasons.extend(r for r in _safety_reasons(inspector, oslo_name) if r not in result.reasons)
     result.virtual_size = src.size if oslo_name in ("raw", "gpt") else int(inspector.virtual_size)
     return result
 

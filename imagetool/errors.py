@@ -79,8 +79,9 @@ class EnvironmentProblem(ImagetoolError):
 class ImageRejected(ImagetoolError):
     """The image failed a safety or policy check; `reasons` says which."""
 
-    def __init__(self, message: str, reasons: list[Reason], *, path: str | None = None,
-                 report: object | None = None) -> None:
+    def __init__(
+        self, message: str, reasons: list[Reason], *, path: str | None = None, report: object | None = None
+    ) -> None:
         super().__init__(message, path=path, code=reasons[0].code if reasons else "rejected")
         self.reasons = reasons
         self.report = report

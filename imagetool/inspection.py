@@ -63,8 +63,9 @@ class Report:
         return ImageRejected(first.message, self.reasons, path=self.path, report=self)
 
 
-def inspect_image(path: str, claimed_format: str | None = None,
-                  max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE) -> Report:
+def inspect_image(
+    path: str, claimed_format: str | None = None, max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
+) -> Report:
     """Inspect the file at `path`; an unsafe image gives a report with `safe: False`."""
     try:
         with open_source(path) as src:
@@ -73,15 +74,23 @@ def inspect_image(path: str, claimed_format: str | None = None,
         return Report(path=path, reasons=exc.reasons, checks=["regular_file"])
 
 
-def inspect_source(src: Source, claimed_format: str | None = None,
-                   max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE) -> Report:
+def inspect_source(
+    src: Source, claimed_format: str | None = None, max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
+) -> Report:
     """Inspect an already-open source; callers that go on to convert reuse the descriptor."""
     claimed = normalize_format(claimed_format) if claimed_format else None
     if claimed is not None and claimed not in ACCEPTED_FORMATS:
-        raise UsageProblem(f"--format {claimed_format!r} is not one of "
-                           f"{', '.join(ACCEPTED_FORMATS)} (vhd means vpc)", code="bad_format")
-    report = Report(path=src.path, claimed_format=claimed, file_size=src.size,
-                    allocated_size=src.allocated, checks=["regular_file"])
+        raise UsageProblem(
+            f"--format {claimed_format!r} is not one of {', '.join(ACCEPTED_FORMATS)} (vhd means vpc)",
+            code="bad_format",
+        )
+    report = Report(
+        path=src.path,
+        claimed_format=claimed,
+        file_size=src.size,
+        allocated_size=src.allocated,
+        checks=["regular_file"],
+    )
 
     found = detect(src)
     report.checks.append("header")
@@ -90,8 +99,9 @@ def inspect_source(src: Source, claimed_format: str | None = None,
     report.partition_table = found.partition_table
     report.reasons.extend(found.reasons)
     if found.format and claimed and found.format != claimed:
-        report.reasons.append(Reason("format_mismatch",
-                                     f"claimed format {claimed} but the content is {found.format}"))
+        report.reasons.append(
+            Reason("format_mismatch", f"claimed format {claimed} but the content is {found.format}")
+        )
     if found.format:
         report.virtual_size = found.virtual_size
         report.reasons.extend(_size_policy(found.virtual_size, max_virtual_size))
@@ -123,11 +133,21 @@ def _size_policy(virtual_size: int, maximum: int) -> list[Reason]:
     if virtual_size <= 0:
         return [Reason("empty", "virtual size is 0: there is no disk to write")]
     if virtual_size % 512:
-        return [Reason("unaligned", f"virtual size {virtual_size} is not a multiple of 512 bytes "
-                       "(no disk has such a size; qemu and the inspector would disagree)")]
+        return [
+            Reason(
+                "unaligned",
+                f"virtual size {virtual_size} is not a multiple of 512 bytes "
+                "(no disk has such a size; qemu and the inspector would disagree)",
+            )
+        ]
     if virtual_size > maximum:
-        return [Reason("too_large", f"virtual size {virtual_size} bytes ({to_mib(virtual_size)} "
-                       f"MiB) is over the limit of {maximum} bytes ({to_mib(maximum)} MiB)")]
+        return [
+            Reason(
+                "too_large",
+                f"virtual size {virtual_size} bytes ({to_mib(virtual_size)} "
+                f"MiB) is over the limit of {maximum} bytes ({to_mib(maximum)} MiB)",
+            )
+        ]
     return []
 
 
@@ -138,12 +158,17 @@ def _info_reasons(details: dict[str, Any], fmt: str, header_size: int, src: Sour
     data = specific.get("data", {}) if isinstance(specific, dict) else {}
     data = data if isinstance(data, dict) else {}
     if details.get("format") != fmt:
-        reasons.append(Reason("format_mismatch",
-                              f"qemu-img reads it as {details.get('format')!r}, not {fmt}"))
+        reasons.append(
+            Reason("format_mismatch", f"qemu-img reads it as {details.get('format')!r}, not {fmt}")
+        )
     if details.get("virtual-size") != header_size:
-        reasons.append(Reason("format_mismatch",
-                              f"qemu-img gives virtual size {details.get('virtual-size')} "
-                              f"where the header says {header_size}"))
+        reasons.append(
+            Reason(
+                "format_mismatch",
+                f"qemu-img gives virtual size {details.get('virtual-size')} "
+                f"where the header says {header_size}",
+            )
+        )
     if any(key in details for key in _BACKING_KEYS):
         reasons.append(Reason("backing_file", "qemu-img reports a backing file"))
     if data.get("data-file") or data.get("data-file-raw"):
@@ -153,11 +178,19 @@ def _info_reasons(details: dict[str, Any], fmt: str, header_size: int, src: Sour
     if data.get("corrupt"):
         reasons.append(Reason("corrupt", "qcow2 header has the corrupt bit set"))
     if details.get("dirty-flag"):
-        reasons.append(Reason("dirty", "the image was not closed cleanly (dirty flag set); "
-                              "let its owner repair it first"))
+        reasons.append(
+            Reason(
+                "dirty", "the image was not closed cleanly (dirty flag set); let its owner repair it first"
+            )
+        )
     if details.get("snapshots"):
-        reasons.append(Reason("snapshots", f"the image holds {len(details['snapshots'])} internal "
-                              "snapshot(s), which would carry hidden data"))
+        reasons.append(
+            Reason(
+                "snapshots",
+                f"the image holds {len(details['snapshots'])} internal "
+                "snapshot(s), which would carry hidden data",
+            )
+        )
     if fmt == "vmdk":
         create_type = str(data.get("create-type", "")).lower()
         if create_type not in ("monolithicsparse", "streamoptimized"):
@@ -187,14 +220,19 @@ def _qcow2_details(details: dict[str, Any]) -> dict[str, Any] | None:
 def _check_qcow2(src: Source, report: Report) -> None:
     code, result = qemu.check(src.proc_path, "qcow2", (src.fd,))
     if code == 2 or result.get("corruptions"):
-        report.reasons.append(Reason("corrupt", f"qemu-img check found {result.get('corruptions', 'some')} "
-                                     "corruption(s)"))
+        report.reasons.append(
+            Reason("corrupt", f"qemu-img check found {result.get('corruptions', 'some')} corruption(s)")
+        )
     elif code == 1:
-        report.reasons.append(Reason("corrupt", "qemu-img check could not complete: "
-                                     f"{result.get('error') or 'internal error'}"))
+        report.reasons.append(
+            Reason("corrupt", f"qemu-img check could not complete: {result.get('error') or 'internal error'}")
+        )
     elif code == 3:
-        report.warnings.append(Reason("leaked_clusters", f"{result.get('leaks', 'some')} leaked "
-                                      "cluster(s): harmless wasted space"))
+        report.warnings.append(
+            Reason(
+                "leaked_clusters", f"{result.get('leaks', 'some')} leaked cluster(s): harmless wasted space"
+            )
+        )
 
 
 def _measure_disk_size(src: Source, fmt: str, report: Report) -> None:
@@ -219,8 +257,10 @@ def _disk_size_from_map(src: Source, extents: list[dict[str, Any]]) -> tuple[int
     """
     data = [e for e in extents if e.get("data") and not e.get("zero")]
     allocated = sum(-(-int(e.get("length", 0)) // BLOCK) * BLOCK for e in data)
-    exact = all(isinstance(e.get("offset"), int) and int(e["start"]) % BLOCK == 0
-                and int(e["offset"]) % BLOCK == 0 for e in data)
+    exact = all(
+        isinstance(e.get("offset"), int) and int(e["start"]) % BLOCK == 0 and int(e["offset"]) % BLOCK == 0
+        for e in data
+    )
     if not exact:
         return allocated, False
     total = 0

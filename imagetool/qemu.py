@@ -10,6 +10,7 @@ A call killed by a limit becomes `QemuLimitHit`, which callers report as the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -43,8 +44,13 @@ BULK_LIMITS = Limits(address_space=4 * GiB, cpu_seconds=0, wall_seconds=0.0)
 
 
 # How qemu-img dies when RLIMIT_AS bites: at load time (ld.so) or at an allocation.
-_OUT_OF_MEMORY = ("Cannot allocate memory", "failed to map segment", "Failed to allocate",
-                  "Out of memory", "out of memory")
+_OUT_OF_MEMORY = (
+    "Cannot allocate memory",
+    "failed to map segment",
+    "Failed to allocate",
+    "Out of memory",
+    "out of memory",
+)
 
 
 class QemuLimitHit(ImagetoolError):
@@ -67,8 +73,9 @@ class QemuFailed(ImagetoolError):
 def binary() -> str:
     path = shutil.which(QEMU_IMG)
     if path is None:
-        raise EnvironmentProblem("qemu-img is not installed (apt-get install -y qemu-utils)",
-                                 code="missing_dependency")
+        raise EnvironmentProblem(
+            "qemu-img is not installed (apt-get install -y qemu-utils)", code="missing_dependency"
+        )
     return path
 
 
@@ -79,6 +86,7 @@ def _limiter(limits: Limits):  # type: ignore[no-untyped-def]
         if limits.cpu_seconds:
             resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
     return apply
 
 
@@ -94,16 +102,22 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def popen(args: list[str], fds: tuple[int, ...], limits: Limits,
-          **kwargs: Any) -> subprocess.Popen[bytes]:
+def popen(args: list[str], fds: tuple[int, ...], limits: Limits, **kwargs: Any) -> subprocess.Popen[bytes]:
     """Start qemu-img in its own process group (so it can be stopped whole)."""
     return subprocess.Popen(
-        [binary(), *args], stdin=subprocess.DEVNULL, pass_fds=fds, env=environment(),
-        preexec_fn=_limiter(limits), start_new_session=True, **kwargs)
+        [binary(), *args],
+        stdin=subprocess.DEVNULL,
+        pass_fds=fds,
+        env=environment(),
+        preexec_fn=_limiter(limits),
+        start_new_session=True,
+        **kwargs,
+    )
 
 
-def run(args: list[str], fds: tuple[int, ...] = (), limits: Limits | None = None,
-        ok_codes: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], fds: tuple[int, ...] = (), limits: Limits | None = None, ok_codes: tuple[int, ...] = (0,)
+) -> subprocess.CompletedProcess[str]:
     """Run qemu-img to completion under `limits` (default: INFO_LIMITS); raise on a limit hit."""
     limits = limits or INFO_LIMITS
     proc = popen(args, fds, limits, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -111,29 +125,32 @@ def run(args: list[str], fds: tuple[int, ...] = (), limits: Limits | None = None
         out, err = proc.communicate(timeout=limits.wall_seconds or None)
     except subprocess.TimeoutExpired:
         stop(proc)
-        raise QemuLimitHit(f"qemu-img {args[0]} took longer than {limits.wall_seconds:g} s "
-                           "and was stopped") from None
+        raise QemuLimitHit(
+            f"qemu-img {args[0]} took longer than {limits.wall_seconds:g} s and was stopped"
+        ) from None
     except BaseException:
         stop(proc)
         raise
     stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
     if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU) or (
-            proc.returncode != 0 and any(sign in stderr for sign in _OUT_OF_MEMORY)):
-        raise QemuLimitHit(f"qemu-img {args[0]} was stopped by a resource limit "
-                           f"({limits.address_space >> 20} MiB memory, {limits.cpu_seconds} s CPU)")
+        proc.returncode != 0 and any(sign in stderr for sign in _OUT_OF_MEMORY)
+    ):
+        raise QemuLimitHit(
+            f"qemu-img {args[0]} was stopped by a resource limit "
+            f"({limits.address_space >> 20} MiB memory, {limits.cpu_seconds} s CPU)"
+        )
     if proc.returncode not in ok_codes:
-        raise QemuFailed(f"qemu-img {args[0]} failed: {_last_line(stderr) or 'no message'}",
-                         proc.returncode, stderr)
+        raise QemuFailed(
+            f"qemu-img {args[0]} failed: {_last_line(stderr) or 'no message'}", proc.returncode, stderr
+        )
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
     """Kill qemu-img's whole process group and reap it."""
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     proc.wait()
 
 
@@ -161,8 +178,12 @@ def info(path: str, fmt: str, fds: tuple[int, ...]) -> dict[str, Any]:
 
 def check(path: str, fmt: str, fds: tuple[int, ...]) -> tuple[int, dict[str, Any]]:
     """`qemu-img check` (read-only, never `-r`): its exit code (0/2/3 or 1) and report."""
-    proc = run(["check", "-f", fmt, "--output=json", "--force-share", path], fds,
-               CHECK_LIMITS, ok_codes=(0, 1, 2, 3, 63))
+    proc = run(
+        ["check", "-f", fmt, "--output=json", "--force-share", path],
+        fds,
+        CHECK_LIMITS,
+        ok_codes=(0, 1, 2, 3, 63),
+    )
     try:
         report = json.loads(proc.stdout) if proc.stdout.strip() else {}
     except json.JSONDecodeError:
@@ -181,6 +202,10 @@ def map_extents(path: str, fmt: str, fds: tuple[int, ...]) -> list[dict[str, Any
 
 def compare(path_a: str, fmt_a: str, path_b: str, fmt_b: str, fds: tuple[int, ...]) -> bool:
     """`qemu-img compare` in strict mode: True when the guest contents are identical."""
-    proc = run(["compare", "-f", fmt_a, "-F", fmt_b, "--force-share", path_a, path_b], fds,
-               BULK_LIMITS, ok_codes=(0, 1))
+    proc = run(
+        ["compare", "-f", fmt_a, "-F", fmt_b, "--force-share", path_a, path_b],
+        fds,
+        BULK_LIMITS,
+        ok_codes=(0, 1),
+    )
     return proc.returncode == 0

@@ -41,8 +41,13 @@ def rejection_line(report: Report) -> None:
 
 
 def error_document(command: str, exc: ImagetoolError) -> dict[str, Any]:
-    return {"schema": ERROR_SCHEMA, "command": command, "ok": False,
-            "exit_code": int(exc.exit_code), "error": exc.as_dict()}
+    return {
+        "schema": ERROR_SCHEMA,
+        "command": command,
+        "ok": False,
+        "exit_code": int(exc.exit_code),
+        "error": exc.as_dict(),
+    }
 
 
 def _size(value: int | None, mib: int | None = None) -> str:
@@ -61,16 +66,23 @@ def inspect_text(report: Report) -> str:
     rows = [
         ("format", fmt),
         ("virtual_size", _size(report.virtual_size, report.virtual_size_mib)),
-        ("disk_size", _size(report.disk_size, report.disk_size_mib)
-         + ("" if report.disk_size_exact in (None, True) else
-            f" [estimate: {report.disk_size_method}]")),
+        (
+            "disk_size",
+            _size(report.disk_size, report.disk_size_mib)
+            + ("" if report.disk_size_exact in (None, True) else f" [estimate: {report.disk_size_method}]"),
+        ),
         ("file_size", _size(report.file_size)),
         ("allocated_size", _size(report.allocated_size)),
     ]
     if report.qcow2:
         q = report.qcow2
-        rows.append(("qcow2", f"compat {q.get('compat')}, {q.get('compression_type')} "
-                              f"compression, {q.get('cluster_size')}-byte clusters"))
+        rows.append(
+            (
+                "qcow2",
+                f"compat {q.get('compat')}, {q.get('compression_type')} "
+                f"compression, {q.get('cluster_size')}-byte clusters",
+            )
+        )
     if report.magic:
         rows.append(("libmagic", report.magic))
     lines += [f"  {name:<15}{value}" for name, value in rows]

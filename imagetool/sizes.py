@@ -35,8 +35,7 @@ def parse_size(text: str) -> int:
     """`50G` / `51200M` / `53687091200` -> bytes (binary units; see module doc)."""
     match = _SIZE_RE.match(str(text))
     if not match:
-        raise UsageProblem(f"{text!r} is not a size (try 50G, 51200M or a byte count)",
-                           code="bad_size")
+        raise UsageProblem(f"{text!r} is not a size (try 50G, 51200M or a byte count)", code="bad_size")
     number, unit = match.groups()
     value = float(number) * _UNITS[unit.upper()] if "." in number else int(number) * _UNITS[unit.upper()]
     return int(value)
@@ -88,7 +87,7 @@ def count_zero_blocks(buf: bytes | bytearray, length: int) -> int:
     pos = buf.find(_ZERO_BLOCK, 0, length)
     while pos != -1:
         block = -(-pos // BLOCK) * BLOCK  # first aligned block the zero run may cover
-        while block + BLOCK <= length and buf[block:block + BLOCK] == _ZERO_BLOCK:
+        while block + BLOCK <= length and buf[block : block + BLOCK] == _ZERO_BLOCK:
             zeros += 1
             block += BLOCK
         pos = buf.find(_ZERO_BLOCK, block + 1, length)
@@ -109,7 +108,7 @@ def count_nonzero_bytes(fd: int, size: int) -> int:
         pos = max(start - start % BLOCK, done)
         stop = min(-(-end // BLOCK) * BLOCK, size)
         while pos < stop:
-            got = os.preadv(fd, [view[:min(_CHUNK, stop - pos)]], pos)
+            got = os.preadv(fd, [view[: min(_CHUNK, stop - pos)]], pos)
             if got <= 0:
                 break
             if got < _CHUNK:

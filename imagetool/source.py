@@ -93,5 +93,6 @@ def open_source(path: str) -> Source:
     except BaseException:
         os.close(fd)
         raise
-    return Source(path=path, fd=fd, size=st.st_size, allocated=st.st_blocks * 512,
-                  device=st.st_dev, inode=st.st_ino)
+    return Source(
+        path=path, fd=fd, size=st.st_size, allocated=st.st_blocks * 512, device=st.st_dev, inode=st.st_ino
+    )

@@ -72,7 +72,7 @@ def patch(path: Path, offset: int, data: bytes) -> None:
 def set_qcow2_incompatible_bits(path: Path, bits: int) -> None:
     with path.open("r+b") as f:
         f.seek(72)
-        current, = struct.unpack(">Q", f.read(8))
+        (current,) = struct.unpack(">Q", f.read(8))
         f.seek(72)
         f.write(struct.pack(">Q", current | bits))
 

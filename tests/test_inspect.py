@@ -39,14 +39,17 @@ def test_committed_sample_human_output(cli):
     assert result.err == ""
 
 
-@pytest.mark.parametrize(("fmt", "opts", "expected"), [
-    ("qcow2", [], "qcow2"),
-    ("vmdk", ["-o", "subformat=monolithicSparse"], "vmdk"),
-    ("vmdk", ["-o", "subformat=streamOptimized"], "vmdk"),
-    ("vdi", [], "vdi"),
-    ("vpc", [], "vpc"),
-    ("vhdx", [], "vhdx"),
-])
+@pytest.mark.parametrize(
+    ("fmt", "opts", "expected"),
+    [
+        ("qcow2", [], "qcow2"),
+        ("vmdk", ["-o", "subformat=monolithicSparse"], "vmdk"),
+        ("vmdk", ["-o", "subformat=streamOptimized"], "vmdk"),
+        ("vdi", [], "vdi"),
+        ("vpc", [], "vpc"),
+        ("vhdx", [], "vhdx"),
+    ],
+)
 def test_accepted_formats(cli, tmp_path, fmt, opts, expected):
     image = tmp_path / f"disk.{fmt}"
     qemu_img("create", "-q", "-f", fmt, *opts, image, "32M")
@@ -58,8 +61,11 @@ def test_accepted_formats(cli, tmp_path, fmt, opts, expected):
 
 
 def test_qcow2_details_and_exact_disk_size(cli, tmp_path):
-    raw = sparse_raw(tmp_path / "src.raw", 32 * MiB,
-                     {0: b"\x01" * 5000, 8 * MiB: os.urandom(200_000), 20 * MiB: bytes(65536)})
+    raw = sparse_raw(
+        tmp_path / "src.raw",
+        32 * MiB,
+        {0: b"\x01" * 5000, 8 * MiB: os.urandom(200_000), 20 * MiB: bytes(65536)},
+    )
     qcow = tmp_path / "d.qcow2"
     qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, qcow)
     raw_doc = cli("inspect", raw, "--json").json
@@ -93,13 +99,16 @@ def test_missing_file_is_environment_error(cli, tmp_path):
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize(("kind", "code", "words"), [
-    ("dir", "not_regular_file", "is a directory"),
-    ("fifo", "not_regular_file", "is a FIFO"),
-    ("chardev", "not_regular_file", "is a character device"),
-    ("symlink", "symlink", "symbolic link"),
-    ("empty", "empty", "is empty"),
-])
+@pytest.mark.parametrize(
+    ("kind", "code", "words"),
+    [
+        ("dir", "not_regular_file", "is a directory"),
+        ("fifo", "not_regular_file", "is a FIFO"),
+        ("chardev", "not_regular_file", "is a character device"),
+        ("symlink", "symlink", "symbolic link"),
+        ("empty", "empty", "is empty"),
+    ],
+)
 def test_non_images_are_rejected_without_reading(cli, tmp_path, kind, code, words):
     path = tmp_path / "thing"
     if kind == "dir":

@@ -84,7 +84,7 @@ def test_data_extension_without_feature_bit_is_rejected(cli, tmp_path):
     image = make_qcow2(tmp_path / "d.qcow2", "1M", "-o", f"data_file={data}")
     with image.open("r+b") as f:  # clear the incompatible data-file bit, keep the extension
         f.seek(72)
-        bits, = struct.unpack(">Q", f.read(8))
+        (bits,) = struct.unpack(">Q", f.read(8))
         f.seek(72)
         f.write(struct.pack(">Q", bits & ~0x4))
     result = cli("inspect", image, "--json")
@@ -98,7 +98,8 @@ def _descriptor_vmdk(tmp_path: Path, create_type: str, extent: str) -> Path:
     path.write_text(
         "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
         f'createType="{create_type}"\n\n# Extent description\n{extent}\n\n'
-        '# The Disk Data Base\nddb.virtualHWVersion = "4"\n')
+        '# The Disk Data Base\nddb.virtualHWVersion = "4"\n'
+    )
     return path
 
 
@@ -118,10 +119,10 @@ def test_vmdk_sparse_with_path_in_extent_is_rejected(cli, tmp_path):
     qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicSparse", image, "8M")
     blob = bytearray(image.read_bytes())
     start = blob.index(b'RW 16384 SPARSE "')
-    old = blob[start:blob.index(b"\n", start)]
+    old = blob[start : blob.index(b"\n", start)]
     new = b'RW 16384 SPARSE "/etc/passwd"'
     assert len(new) <= len(old)
-    blob[start:start + len(old)] = new.ljust(len(old), b" ")
+    blob[start : start + len(old)] = new.ljust(len(old), b" ")
     image.write_bytes(bytes(blob))
     result = cli("inspect", image, "--json")
     assert result.code == 3
@@ -147,10 +148,13 @@ def test_polyglot_qcow2_inside_iso_is_multiple_formats(cli, tmp_path):
     assert "iso" in result.json["reasons"][0]["message"]
 
 
-@pytest.mark.parametrize(("mutate", "message"), [
-    (lambda p: set_qcow2_incompatible_bits(p, 1 << 5), "Unknown QCOW2 features"),
-    (lambda p: patch(p, 4, struct.pack(">I", 4)), "Unsupported qcow2 version"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: set_qcow2_incompatible_bits(p, 1 << 5), "Unknown QCOW2 features"),
+        (lambda p: patch(p, 4, struct.pack(">I", 4)), "Unsupported qcow2 version"),
+    ],
+)
 def test_unknown_qcow2_features_and_versions(cli, tmp_path, mutate, message):
     """#8"""
     image = make_qcow2(tmp_path / "f.qcow2")
@@ -181,9 +185,22 @@ def test_encrypted_qcow2_is_rejected(cli, tmp_path, method, name):
 def test_luks_container_is_unsupported(cli, tmp_path):
     image = tmp_path / "l.luks"
     for _attempt in range(3):  # qemu's PBKDF benchmark sometimes fails: "Unable to get accurate CPU usage"
-        proc = subprocess.run(["qemu-img", "create", "-q", "--object", "secret,id=s0,data=passw0rd",
-                               "-f", "luks", "-o", "key-secret=s0", str(image), "1M"],
-                              capture_output=True)
+        proc = subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "--object",
+                "secret,id=s0,data=passw0rd",
+                "-f",
+                "luks",
+                "-o",
+                "key-secret=s0",
+                str(image),
+                "1M",
+            ],
+            capture_output=True,
+        )
         if proc.returncode == 0:
             break
     assert proc.returncode == 0, proc.stderr
@@ -245,10 +262,13 @@ def test_memory_limit_kills_qemu_img(cli, tmp_path, monkeypatch):
     assert reasons(result) == ["resource_limit"]
 
 
-@pytest.mark.parametrize("make", [
-    lambda p: make_qcow2(p, "8T"),
-    lambda p: sparse_raw(p, 5 << 40),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: make_qcow2(p, "8T"),
+        lambda p: sparse_raw(p, 5 << 40),
+    ],
+)
 def test_virtual_size_bomb_is_a_size_limit(cli, tmp_path, make):
     """#12: a tiny file claiming terabytes; exit 4, decided from the header alone."""
     image = make(tmp_path / "bomb.img")
@@ -264,7 +284,7 @@ def test_max_virtual_size_is_configurable(cli, tmp_path):
     assert cli("inspect", image, "--max-virtual-size", "2G").code == 0
 
 
-@pytest.mark.parametrize("name", ["nbd:127.0.0.1:9", "json:{\"driver\":\"file\"}", "-f"])
+@pytest.mark.parametrize("name", ["nbd:127.0.0.1:9", 'json:{"driver":"file"}', "-f"])
 def test_hostile_file_names_are_just_names(cli, tmp_path, monkeypatch, name):
     """#14: qemu-img only ever sees /proc/self/fd/N."""
     monkeypatch.chdir(tmp_path)
@@ -317,10 +337,13 @@ def test_internal_snapshots_are_rejected(cli, tmp_path):
     assert result.code == 3 and reasons(result) == ["snapshots"]
 
 
-@pytest.mark.parametrize(("entry", "message"), [
-    (struct.pack("<B3sB3sII", 0x42, b"\0\2\0", 0x83, b"\0\0\0", 2048, 2048), "boot flag"),
-    (bytes(16), "no partitions"),
-])
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (struct.pack("<B3sB3sII", 0x42, b"\0\2\0", 0x83, b"\0\0\0", 2048, 2048), "boot flag"),
+        (bytes(16), "no partitions"),
+    ],
+)
 def test_malformed_mbr_is_rejected(cli, tmp_path, entry, message):
     """#19"""
     image = sparse_raw(tmp_path / "m.raw", MiB, {446: entry, 510: b"\x55\xaa"})
@@ -365,11 +388,14 @@ def test_zero_virtual_size_is_empty(cli, tmp_path):
     assert result.code == 3 and reasons(result) == ["empty"]
 
 
-@pytest.mark.parametrize(("data", "advice"), [
-    (b"\x1f\x8b\x08\x00" + bytes(60), "gunzip"),
-    (b"\xfd7zXZ\x00" + bytes(60), "unxz"),
-    (b"\x28\xb5\x2f\xfd" + bytes(60), "unzstd"),
-])
+@pytest.mark.parametrize(
+    ("data", "advice"),
+    [
+        (b"\x1f\x8b\x08\x00" + bytes(60), "gunzip"),
+        (b"\xfd7zXZ\x00" + bytes(60), "unxz"),
+        (b"\x28\xb5\x2f\xfd" + bytes(60), "unzstd"),
+    ],
+)
 def test_compressed_files_get_advice(cli, tmp_path, data, advice):
     image = tmp_path / "disk.img.x"
     image.write_bytes(data + bytes(512 - len(data)))
