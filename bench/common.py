@@ -83,7 +83,7 @@ def hyperfine(
         for name, cmd in commands.items():
             args += ["-n", name, cmd]
         subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
-        results = json.load(open(out.name))["results"]
+        results = json.loads(Path(out.name).read_text())["results"]
     return {r["command"]: r["median"] for r in results}
 
 

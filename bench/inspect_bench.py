@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from common import GiB, IMAGETOOL, WORK, build_mixed, hyperfine, peak_rss_mb, table
+from common import IMAGETOOL, WORK, GiB, build_mixed, hyperfine, peak_rss_mb, table
 
 
 def main() -> None:
