@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from imagetool.errors import ExitCode, ImageRejected, ImagetoolError, UsageProblem
+from imagetool.errors import ExitCode, ImageRejected, ImagetoolError, Interrupted, UsageProblem
 
 app = typer.Typer(
     add_completion=False,
@@ -31,6 +31,8 @@ app = typer.Typer(
 def _root() -> None:
     """Prepare virtual-disk images for a cloud image library, safely."""
 
+
+INTERRUPTED = 130  # Ctrl-C or SIGTERM: the shell's convention, outside the 0-5 contract
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -47,17 +49,18 @@ def command(name: str) -> Callable[[F], F]:
             as_json = bool(kwargs.get("json_out"))
             try:
                 code = func(*args, **kwargs)
-            except ImageRejected as exc:
-                report = getattr(exc.report, "as_dict", None)
-                if as_json:
-                    render.emit_json(report() if report else render.error_document(name, exc))
-                render.error_line(exc.one_line() + f" [{exc.code}]")
-                raise typer.Exit(int(exc.exit_code)) from None
             except ImagetoolError as exc:
                 if as_json:
                     render.emit_json(render.error_document(name, exc))
-                render.error_line(exc.one_line())
+                suffix = f" [{exc.code}]" if isinstance(exc, ImageRejected) else ""
+                render.error_line(exc.one_line() + suffix)
                 raise typer.Exit(int(exc.exit_code)) from None
+            except (KeyboardInterrupt, Interrupted):
+                stopped = ImagetoolError("interrupted; nothing was left behind", code="interrupted")
+                if as_json:
+                    render.emit_json(render.error_document(name, stopped) | {"exit_code": 130})
+                render.error_line(stopped.message)
+                raise typer.Exit(INTERRUPTED) from None
             raise typer.Exit(int(code or 0))
 
         app.command(name)(run)
@@ -94,6 +97,76 @@ def inspect_cmd(
         print(render.inspect_text(report))
     render.rejection_line(report)
     return report.exit_code
+
+
+@command("convert")
+def convert_cmd(
+    source: Annotated[str, typer.Argument(help="The input disk image (raw, qcow2, vmdk, vdi, vhd, vhdx).")],
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output", "-o", help="Where to write the qcow2 (default: SOURCE with a .qcow2 suffix)."
+        ),
+    ] = None,
+    compression: Annotated[
+        str, typer.Option(help="zlib (every reader), zstd (much faster; readers need QEMU >= 5.1) or none.")
+    ] = "zlib",
+    threads: Annotated[int, typer.Option(help="qemu-img coroutines working at once (1-16).")] = 8,
+    max_compressed_size: Annotated[
+        str, typer.Option(help="Refuse outputs bigger than this (binary units: 50G = 51200M = 53687091200).")
+    ] = "50G",
+    progress: Annotated[
+        str,
+        typer.Option(
+            help="auto (a bar on a terminal, else nothing), bar, json (JSON lines on stderr), none."
+        ),
+    ] = "auto",
+    verify: Annotated[
+        bool,
+        typer.Option("--verify/--no-verify", help="Inspect, check and compare the output before keeping it."),
+    ] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    estimate_only: Annotated[
+        bool, typer.Option("--estimate-only", help="Only predict the compressed size; write nothing.")
+    ] = False,
+    format: Annotated[
+        str | None,
+        typer.Option("--format", "-f", help="The input format you expect; a different content is rejected."),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> int:
+    """Convert a disk image to sparse, compressed qcow2, within the size limit."""
+    from imagetool import render
+    from imagetool.convert import convert
+    from imagetool.progress import MODES, renderer
+    from imagetool.sizes import parse_size
+
+    if progress not in MODES:
+        raise UsageProblem(f"--progress {progress!r} is not one of {', '.join(MODES)}", code="bad_progress")
+    limit = parse_size(max_compressed_size)
+    show = renderer("none" if estimate_only else progress, "converting")
+    try:
+        result = convert(
+            source,
+            output,
+            compression=compression,
+            coroutines=threads,
+            limit=limit,
+            verify=verify,
+            force=force,
+            estimate_only=estimate_only,
+            claimed_format=format,
+            progress=show,
+        )
+    finally:
+        show.close()
+    if json_out:
+        render.emit_json(result.as_dict())
+    else:
+        print(render.convert_text(result))
+    for warning in result.warnings:
+        render.warning_line(result.source, warning)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,10 @@ def exit_code_for(reasons: list[Reason]) -> ExitCode:
     return ExitCode.REJECTED
 
 
+class Interrupted(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C (KeyboardInterrupt) so cleanups run."""
+
+
 class ImagetoolError(Exception):
     """A failure with a one-line message, a stable code and an exit code."""
 

@@ -200,6 +200,41 @@ def map_extents(path: str, fmt: str, fds: tuple[int, ...]) -> list[dict[str, Any
     return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
 
 
+def create(path: str, fmt: str, size: int, options: dict[str, str], fds: tuple[int, ...]) -> None:
+    """`qemu-img create` onto a file we already opened (O_EXCL), so no name is followed."""
+    opts = ",".join(f"{k}={v}" for k, v in options.items())
+    run(["create", "-q", "-f", fmt, "-o", opts, path, str(size)], fds)
+
+
+def start_convert(
+    src: str, src_fmt: str, dst: str, *, compress: bool, coroutines: int, fds: tuple[int, ...]
+) -> subprocess.Popen[bytes]:
+    """Start `qemu-img convert` into an already created qcow2, reporting progress on stdout.
+
+    `-W` lets compression run on every core (writes land out of order; qcow2
+    compressed writes are serialised safely by qemu); `-S 4k` leaves zero blocks
+    unallocated; `--target-is-zero` skips writing zeros into the fresh image.
+    """
+    args = [
+        "convert",
+        "-p",
+        "-n",
+        "--target-is-zero",
+        "-W",
+        "-m",
+        str(coroutines),
+        "-S",
+        "4k",
+        "-f",
+        src_fmt,
+        "-O",
+        "qcow2",
+    ]
+    if compress:
+        args.append("-c")
+    return popen([*args, src, dst], fds, BULK_LIMITS, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def compare(path_a: str, fmt_a: str, path_b: str, fmt_b: str, fds: tuple[int, ...]) -> bool:
     """`qemu-img compare` in strict mode: True when the guest contents are identical."""
     proc = run(

@@ -6,7 +6,8 @@ import json
 import sys
 from typing import Any
 
-from imagetool.errors import ImagetoolError
+from imagetool.convert import ConvertResult
+from imagetool.errors import ImagetoolError, Reason
 from imagetool.inspection import Report
 from imagetool.sizes import human
 
@@ -30,6 +31,10 @@ def json_emitted() -> bool:
 
 def error_line(message: str) -> None:
     sys.stderr.write(f"imagetool: error: {message}\n")
+
+
+def warning_line(path: str, warning: Reason) -> None:
+    sys.stderr.write(f"imagetool: warning: {path}: {warning.message} [{warning.code}]\n")
 
 
 def rejection_line(report: Report) -> None:
@@ -83,9 +88,40 @@ def inspect_text(report: Report) -> str:
                 f"compression, {q.get('cluster_size')}-byte clusters",
             )
         )
-    if report.magic:
+    if report.magic and report.format in (None, "raw"):  # libmagic misdescribes qcow2 ("AES")
         rows.append(("libmagic", report.magic))
     lines += [f"  {name:<15}{value}" for name, value in rows]
     lines += [f"  reason: {r.code}: {r.message}" for r in report.reasons]
     lines += [f"  warning: {w.code}: {w.message}" for w in report.warnings]
+    return "\n".join(lines)
+
+
+def convert_text(result: ConvertResult) -> str:
+    est = result.estimate
+    predicted = (
+        f"{human(est.bytes)} (between {human(est.low)} and {human(est.high)}, "
+        f"{est.clusters_sampled}/{est.clusters_with_data} clusters sampled)"
+        if est
+        else "not available for this input"
+    )
+    if result.output is None or result.output_size is None:
+        verdict = (
+            "fits"
+            if est and est.high <= result.limit
+            else ("may not fit" if est and est.low <= result.limit else "unknown")
+        )
+        return (
+            f"{result.source}: predicted {result.compression} qcow2 size {predicted}\n"
+            f"  limit {human(result.limit)}: {verdict}"
+        )
+    lines = [
+        f"{result.source} -> {result.output}: {human(result.output_size)} "
+        f"({result.compression}, {result.cluster_size // 1024} KiB clusters"
+        f"{', verified' if result.verified else ', not verified'})",
+        f"  virtual_size   {_size(result.virtual_size)}",
+        f"  disk_size      {_size(result.disk_size)}",
+        f"  output_size    {_size(result.output_size)} (limit {human(result.limit)})",
+        f"  predicted      {predicted}",
+        f"  took           {result.seconds:.1f} s",
+    ]
     return "\n".join(lines)
