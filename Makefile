@@ -41,7 +41,7 @@ lint: setup
 
 bench: setup
 	@command -v hyperfine >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq hyperfine >/dev/null; }
-	$(BIN)/python bench/inspect_bench.py
+	cd bench && ../$(BIN)/python inspect_bench.py && ../$(BIN)/python convert_bench.py
 
 clean:
 	rm -rf $(VENV) bench/work .pytest_cache

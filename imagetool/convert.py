@@ -226,6 +226,15 @@ def _install(tmp: Path, output: Path, force: bool) -> None:
         os.close(dir_fd)
 
 
+def _supports_direct_io(path: str) -> bool:
+    """O_DIRECT works on most filesystems, not on tmpfs: ask the one we write to."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
 def _qemu_error(stderr: str, output: Path) -> ImagetoolError:
     text = stderr.strip().splitlines()[-1] if stderr.strip() else "no message"
     if "No space left" in stderr or "Disk quota" in stderr:

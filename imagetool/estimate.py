@@ -55,25 +55,34 @@ class Estimate:
         return dict(self.__dict__)
 
 
-def compressor(compression: str, cluster_size: int) -> Callable[[bytes], int]:
-    """A function giving the bytes qemu would store for one cluster of data."""
+ZLIB_SLICE = 64 * 1024
+
+
+def compressor(compression: str, cluster_size: int) -> Callable[[bytes, random.Random], int]:
+    """A function giving (an unbiased estimate of) the bytes qemu stores for one cluster."""
     limit = cluster_size - 1
     if compression == "none":
-        return lambda data: cluster_size
+        return lambda data, rng: cluster_size
     if compression == "zstd":
         import zstandard
 
-        def zstd_size(data: bytes) -> int:
+        def zstd_size(data: bytes, rng: random.Random) -> int:
             # A context per call: compressors are not thread-safe; creating one is cheap.
             out = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(data)
             return len(out) if len(out) < limit else cluster_size
 
         return zstd_size
 
-    def zlib_size(data: bytes) -> int:
+    slices = max(1, cluster_size // ZLIB_SLICE)
+
+    def zlib_size(data: bytes, rng: random.Random) -> int:
+        # qemu's deflate keeps a 4 KiB window, so a cluster compresses as the sum of its
+        # parts: one random 64 KiB slice, scaled, is unbiased and 4x cheaper to compress.
+        start = rng.randrange(slices) * ZLIB_SLICE if slices > 1 else 0
+        part = data[start : start + ZLIB_SLICE] if slices > 1 else data
         engine = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
-        out = engine.compress(data) + engine.flush()
-        return len(out) if len(out) < limit else cluster_size
+        scaled = len(engine.compress(part) + engine.flush()) * (len(data) // len(part))
+        return scaled if scaled < limit else cluster_size
 
     return zlib_size
 
@@ -127,12 +136,14 @@ def estimate(
     clusters = reader.clusters(cluster_size)
     total = len(clusters)
     wanted = min(total, max(MIN_SAMPLES, min(MAX_SAMPLES, int(total * SAMPLE_FRACTION))))
-    sample = clusters if wanted == total else random.Random(seed).sample(clusters, wanted)
+    rng = random.Random(seed)
+    sample = clusters if wanted == total else rng.sample(clusters, wanted)
     size_of = compressor(compression, cluster_size)
+    zero = bytes(cluster_size)
 
     def stored(cluster: int) -> int:
         data = reader.read(cluster * cluster_size, cluster_size)
-        return 0 if not any(data[::512]) and data.count(0) == len(data) else size_of(data)
+        return 0 if data == zero else size_of(data, random.Random(seed ^ cluster))
 
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         sizes = list(pool.map(stored, sample))
@@ -157,7 +168,7 @@ def estimate(
         bytes=whole_clusters(data_part + meta),
         low=whole_clusters(data_part - spread - slack + meta - 2 * cluster_size),
         high=whole_clusters(data_part + spread + slack + meta),
-        method="exhaustive" if n == total else "sample",
+        method="exhaustive" if n == total and compression != "zlib" else "sample",
         clusters_with_data=total,
         clusters_sampled=n,
         cluster_size=cluster_size,
