@@ -29,8 +29,14 @@ $(STAMP): pyproject.toml
 
 setup: system-deps $(STAMP)
 
+DEMO    := build/demo
+
 demo: setup
+	@mkdir -p $(DEMO)
 	$(BIN)/imagetool inspect $(SAMPLE)
+	$(BIN)/imagetool prepare $(SAMPLE) -o $(DEMO)/sample.qcow2 --force \
+	  --name sample-demo --arch x86_64 --username ubuntu --description "imagetool demo"
+	$(BIN)/imagetool preflight $(DEMO)/sample.qcow2 --metadata $(DEMO)/sample.qcow2.json --server-disk 20G
 
 test: setup
 	$(BIN)/pytest -q
@@ -44,4 +50,4 @@ bench: setup
 	cd bench && ../$(BIN)/python inspect_bench.py && ../$(BIN)/python convert_bench.py
 
 clean:
-	rm -rf $(VENV) bench/work .pytest_cache
+	rm -rf $(VENV) bench/work build .pytest_cache

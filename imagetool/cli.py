@@ -169,6 +169,180 @@ def convert_cmd(
     return 0
 
 
+NameOpt = Annotated[str | None, typer.Option("--name", "-n", help="Image name (required).")]
+ArchOpt = Annotated[str | None, typer.Option("--arch", "-a", help="x86_64 or i686 (required).")]
+ModeOpt = Annotated[str, typer.Option("--mode", "-m", help="virtio or compatibility.")]
+UserOpt = Annotated[str | None, typer.Option("--username", "-u", help="Default login (gets the SSH key).")]
+PublicOpt = Annotated[bool, typer.Option("--public/--private", help="Who may use it (default private).")]
+DescOpt = Annotated[str | None, typer.Option("--description", "-d", help="Free text.")]
+MinRamOpt = Annotated[int | None, typer.Option("--min-ram", help="Smallest RAM it needs, in MB.")]
+UrlOpt = Annotated[str | None, typer.Option("--url", help="http(s) URL the library downloads it from.")]
+ServerDiskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--server-disk", help="Check the image fits a server disk of this size (20G = the library's 20 GB)."
+    ),
+]
+
+
+def _registration(name, arch, mode, username, public, description, min_ram, url):  # type: ignore[no-untyped-def]
+    from imagetool.metadata import registration
+
+    return registration(
+        name=name,
+        arch=arch,
+        mode=mode,
+        username=username,
+        public=public,
+        description=description,
+        min_ram=min_ram,
+        url=url,
+    )
+
+
+def _size_or_none(text: str | None) -> int | None:
+    from imagetool.sizes import parse_size
+
+    return None if text is None else parse_size(text)
+
+
+@command("metadata")
+def metadata_cmd(
+    image: Annotated[str, typer.Argument(help="The image to describe (qcow2 or raw).")],
+    name: NameOpt = None,
+    arch: ArchOpt = None,
+    mode: ModeOpt = "virtio",
+    username: UserOpt = None,
+    public: PublicOpt = False,
+    description: DescOpt = None,
+    min_ram: MinRamOpt = None,
+    url: UrlOpt = None,
+    server_disk: ServerDiskOpt = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Default: IMAGE.json.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    json_out: JsonOpt = False,
+) -> int:
+    """Write the registration metadata JSON for an image, and print the register command."""
+    from imagetool import render
+    from imagetool.metadata import write_metadata
+
+    reg = _registration(name, arch, mode, username, public, description, min_ram, url)
+    path, doc = write_metadata(image, reg, output=output, server_disk=_size_or_none(server_disk), force=force)
+    for note in reg.notes:
+        render.note_line(note)
+    if json_out:
+        render.emit_json(doc)
+    else:
+        print(render.metadata_text(path, doc))
+    return 0
+
+
+@command("prepare")
+def prepare_cmd(
+    source: Annotated[str, typer.Argument(help="The input disk image.")],
+    name: NameOpt = None,
+    arch: ArchOpt = None,
+    mode: ModeOpt = "virtio",
+    username: UserOpt = None,
+    public: PublicOpt = False,
+    description: DescOpt = None,
+    min_ram: MinRamOpt = None,
+    url: UrlOpt = None,
+    server_disk: ServerDiskOpt = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The qcow2 to write (default: SOURCE with .qcow2); its JSON is OUTPUT.json.",
+        ),
+    ] = None,
+    compression: Annotated[str, typer.Option(help="zlib, zstd or none.")] = "zlib",
+    threads: Annotated[int, typer.Option(help="qemu-img coroutines (1-16).")] = 8,
+    max_compressed_size: Annotated[str, typer.Option(help="Size limit of the qcow2.")] = "50G",
+    progress: Annotated[str, typer.Option(help="auto, bar, json or none.")] = "auto",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify the output.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
+    format: Annotated[str | None, typer.Option("--format", "-f", help="The input format you expect.")] = None,
+    json_out: JsonOpt = False,
+) -> int:
+    """The main job: inspect, convert (50 GB gate), verify, and write the metadata."""
+    from imagetool import render
+    from imagetool.prepare import prepare
+    from imagetool.progress import MODES, renderer
+    from imagetool.sizes import parse_size
+
+    reg = _registration(name, arch, mode, username, public, description, min_ram, url)
+    if progress not in MODES:
+        raise UsageProblem(f"--progress {progress!r} is not one of {', '.join(MODES)}", code="bad_progress")
+    limit = parse_size(max_compressed_size)
+    show = renderer(progress, "preparing")
+    try:
+        _qcow2, meta, doc, result = prepare(
+            source,
+            reg,
+            output=output,
+            server_disk=_size_or_none(server_disk),
+            force=force,
+            compression=compression,
+            coroutines=threads,
+            limit=limit,
+            verify=verify,
+            claimed_format=format,
+            progress=show,
+        )
+    finally:
+        show.close()
+    for note in reg.notes:
+        render.note_line(note)
+    if json_out:
+        render.emit_json(doc)
+    else:
+        print(render.convert_text(result))
+        print(render.metadata_text(meta, doc))
+    for warning in result.warnings:
+        render.warning_line(result.source, warning)
+    return 0
+
+
+@command("preflight")
+def preflight_cmd(
+    image: Annotated[str, typer.Argument(help="The image about to be uploaded.")],
+    metadata: Annotated[str | None, typer.Option(help="Its metadata JSON, checked against the file.")] = None,
+    server_disk: ServerDiskOpt = None,
+    max_compressed_size: Annotated[str, typer.Option(help="Size limit of the file.")] = "50G",
+    junit: Annotated[
+        str | None, typer.Option(help="Also write JUnit XML here (one testcase per check).")
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too.")] = False,
+    json_out: JsonOpt = False,
+) -> int:
+    """Check an image (and its metadata) before upload; exit 0 only when nothing fails."""
+    from pathlib import Path
+
+    from imagetool import render
+    from imagetool.atomic import write_text
+    from imagetool.preflight import preflight
+    from imagetool.sizes import parse_size
+
+    result = preflight(
+        image,
+        metadata=metadata,
+        server_disk=_size_or_none(server_disk),
+        limit=parse_size(max_compressed_size),
+        strict=strict,
+    )
+    if junit:
+        write_text(Path(junit), result.junit())
+    if json_out:
+        render.emit_json(result.as_dict())
+    else:
+        print(render.preflight_text(result))
+    for check in result.failing():
+        render.error_line(f"{image}: {check.name}: {check.message} [{check.code}]")
+    return result.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: usage errors exit 2 (with JSON if asked), bugs exit 1, never a traceback."""
     from imagetool import render

@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ class ConvertResult:
     seconds: float = 0.0
     warnings: list[Reason] = field(default_factory=list)
     input_report: Report | None = None
+    output_report: Report | None = None  # the verified output's inspection
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -314,7 +315,7 @@ def _run_convert(
         raise _qemu_error(b"".join(stderr_chunks).decode(errors="replace"), output)
 
 
-def _verify(src: Source, report: Report, tmp_fd: int, tmp: Path) -> None:
+def _verify(src: Source, report: Report, tmp_fd: int, tmp: Path) -> Report:
     """The output must pass the inspector (with a clean check) and match the input exactly."""
     out_src = Source(
         path=str(tmp), fd=os.dup(tmp_fd), size=os.fstat(tmp_fd).st_size, allocated=0, device=0, inode=0
@@ -339,6 +340,7 @@ def _verify(src: Source, report: Report, tmp_fd: int, tmp: Path) -> None:
             path=src.path,
             code="verify_failed",
         )
+    return out
 
 
 def convert(
@@ -354,8 +356,13 @@ def convert(
     claimed_format: str | None = None,
     max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
     progress: Callback | None = None,
+    on_start: Callable[[Report], None] | None = None,
 ) -> ConvertResult:
-    """Convert `source` to compressed qcow2 at `output` (default: SOURCE.qcow2)."""
+    """Convert `source` to compressed qcow2 at `output` (default: SOURCE.qcow2).
+
+    `on_start` is called with the input's inspection once every check before
+    writing has passed (prepare records the job as `creating` there).
+    """
     if compression not in COMPRESSIONS:
         raise UsageProblem(
             f"--compression {compression!r} is not one of {', '.join(COMPRESSIONS)}", code="bad_compression"
@@ -390,6 +397,8 @@ def convert(
             return result
         result.warnings += gate
         _check_free_space(target.parent, min(est.high if est else src.allocated, limit) + 4 * MiB)
+        if on_start:
+            on_start(report)
         with _sigterm_unwinds(), _temp_beside(target) as (tmp_fd, tmp):
             options = {"cluster_size": str(CLUSTER_SIZE), "compat": "1.1"}
             if compression != "none":
@@ -413,7 +422,7 @@ def convert(
                     path=str(target),
                 )
             if verify:
-                _verify(src, report, tmp_fd, tmp)
+                result.output_report = _verify(src, report, tmp_fd, tmp)
                 result.verified = True
             _install(tmp, target, force)
     result.seconds = time.monotonic() - started

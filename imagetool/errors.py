@@ -20,7 +20,7 @@ class ExitCode(IntEnum):
 
 
 # Reason codes that mean "too big" rather than "bad": they map to exit 4.
-SIZE_REASONS = frozenset({"too_large", "compressed_too_large"})
+SIZE_REASONS = frozenset({"too_large", "compressed_too_large", "does_not_fit"})
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,7 @@ def inspect_source(
         )
     if found.format:
         report.virtual_size = found.virtual_size
+        report.virtual_size_mib = to_mib(found.virtual_size)
         report.reasons.extend(_size_policy(found.virtual_size, max_virtual_size))
     if report.reasons:
         return report
@@ -124,7 +125,6 @@ def inspect_source(
         report.reasons.append(Reason("resource_limit", exc.message))
     except qemu.QemuFailed as exc:
         report.reasons.append(Reason("corrupt", exc.message))
-    report.virtual_size_mib = to_mib(report.virtual_size) if report.virtual_size else None
     report.safe = not report.reasons
     return report
 
@@ -219,6 +219,9 @@ def _qcow2_details(details: dict[str, Any]) -> dict[str, Any] | None:
 
 def _check_qcow2(src: Source, report: Report) -> None:
     code, result = qemu.check(src.proc_path, "qcow2", (src.fd,))
+    if report.qcow2 is not None:  # preflight asks whether the image is compressed
+        report.qcow2["compressed_clusters"] = int(result.get("compressed-clusters", 0) or 0)
+        report.qcow2["allocated_clusters"] = int(result.get("allocated-clusters", 0) or 0)
     if code == 2 or result.get("corruptions"):
         report.reasons.append(
             Reason("corrupt", f"qemu-img check found {result.get('corruptions', 'some')} corruption(s)")

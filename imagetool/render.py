@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from imagetool.convert import ConvertResult
 from imagetool.errors import ImagetoolError, Reason
 from imagetool.inspection import Report
+from imagetool.preflight import PreflightResult
 from imagetool.sizes import human
 
 ERROR_SCHEMA = "imagetool.error/1"
@@ -31,6 +33,10 @@ def json_emitted() -> bool:
 
 def error_line(message: str) -> None:
     sys.stderr.write(f"imagetool: error: {message}\n")
+
+
+def note_line(message: str) -> None:
+    sys.stderr.write(f"imagetool: note: {message}\n")
 
 
 def warning_line(path: str, warning: Reason) -> None:
@@ -124,4 +130,37 @@ def convert_text(result: ConvertResult) -> str:
         f"  predicted      {predicted}",
         f"  took           {result.seconds:.1f} s",
     ]
+    return "\n".join(lines)
+
+
+def metadata_text(path: Path, doc: dict[str, Any]) -> str:
+    image, reg = doc["image"], doc["registration"]
+    mode = "compatibility" if reg["compatibility_mode"] else "virtio"
+    access = "public" if reg["public"] else "private"
+    lines = [
+        f"metadata: {path} (status {doc['status']['state']})",
+        f"  {reg['name']}: {reg['arch']}, {mode}, {access}, user {reg.get('username') or '-'}",
+        f"  virtual_size {image['virtual_size_mib']} MiB, disk_size {image['disk_size_mib']} MiB"
+        f"{'' if image['disk_size_exact'] else ' (estimate)'}, file {image['file_size']} bytes",
+        f"  sha256 {image['sha256']}",
+        f"  md5    {image['md5']} (the object store's ETag)",
+    ]
+    fit = doc.get("fits", {})
+    if "fits_server_disk" in fit:
+        verdict = "fits" if fit["fits_server_disk"] else "does NOT fit"
+        lines.append(
+            f"  {verdict} a {fit['server_disk_mib']} MiB server disk (needs {fit['min_disk_mib']} MiB)"
+        )
+    lines += ["next, upload it and register it:", f"  {doc['register_command']}"]
+    return "\n".join(lines)
+
+
+def preflight_text(result: PreflightResult) -> str:
+    counts: dict[str, int] = {}
+    for check in result.checks:
+        counts[check.status] = counts.get(check.status, 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+    verdict = "PASS" if not result.failing() else "FAIL"
+    lines = [f"preflight {result.image}: {verdict} ({summary})"]
+    lines += [f"  {c.status:<5} {c.name:<22} {c.message}" for c in result.checks]
     return "\n".join(lines)
