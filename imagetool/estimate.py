@@ -7,8 +7,9 @@ all-zero cluster is not stored at all (`-S 4k`). So a uniform random sample of
 the clusters that hold data, compressed exactly that way, gives an unbiased
 estimate of the data part; qcow2 metadata (header, L1/L2, refcounts) is
 computed from the layout. The bound is a 99.7% (3 sigma) interval of the
-sample mean, plus the packing slack above it (packing only ever adds). Sampling stops at about 2.5% of the data so that predicting costs
-a few percent of converting.
+sample mean, plus the packing slack above it (packing only ever adds).
+Sampling stops at about 2.5% of the data so that predicting costs a few
+percent of converting.
 """
 
 from __future__ import annotations
