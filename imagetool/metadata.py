@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 from imagetool import __version__, qemu
 from imagetool.atomic import write_json
-from imagetool.errors import Reason, UsageProblem
+from imagetool.errors import ImageRejected, Reason, UsageProblem
 from imagetool.inspection import DEFAULT_MAX_VIRTUAL_SIZE, Report, inspect_source
 from imagetool.sizes import to_mib
 from imagetool.source import Source, open_source
@@ -271,11 +271,8 @@ def write_metadata(
         if not report.safe:
             raise report.rejected()
         if report.format not in ("qcow2", "raw"):
-            raise UsageProblem(
-                f"the library takes qcow2 or raw; this is {report.format}: run `imagetool convert` first",
-                path=image,
-                code="wrong_format",
-            )
+            message = f"the library takes qcow2 or raw; this is {report.format}: run imagetool convert first"
+            raise ImageRejected(message, [Reason("unsupported_format", message)], path=image)
         doc = document(
             reg,
             image_facts(src, report),

@@ -1,0 +1,155 @@
+"""`imagetool preflight`: named checks, exit codes a pipeline can branch on, JSON and JUnit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from conftest import SAMPLE, make_qcow2, qemu_img
+
+REG = ["--name", "web-1", "--arch", "x86_64", "--username", "ubuntu"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[Path, Path]:
+    from imagetool.cli import main
+
+    directory = tmp_path_factory.mktemp("prepared")
+    out = directory / "web.qcow2"
+    assert main(["prepare", str(SAMPLE), *REG, "-o", str(out), "--progress", "none"]) == 0
+    return out, directory / "web.qcow2.json"
+
+
+def statuses(result) -> dict[str, str]:
+    return {c["name"]: c["status"] for c in result.json["checks"]}
+
+
+def test_prepared_image_passes_every_check(cli, prepared, tmp_path):
+    image, meta = prepared
+    junit = tmp_path / "preflight.xml"
+    result = cli("preflight", image, "--metadata", meta, "--server-disk", "20G", "--junit", junit, "--json")
+    assert result.code == 0, result.out
+    assert result.json["schema"] == "imagetool.preflight/1" and result.json["ok"] is True
+    assert set(statuses(result).values()) == {"pass"}
+    assert {
+        "inspect",
+        "format",
+        "compressed",
+        "compressed_size",
+        "disk_size",
+        "server_disk",
+        "metadata_schema",
+        "metadata_matches",
+        "metadata_registration",
+    } == set(statuses(result))
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None
+    assert suite.get("tests") == "9" and suite.get("failures") == "0"
+    assert len(suite.findall("testcase")) == 9
+
+
+def test_metadata_of_another_file_fails(cli, prepared, tmp_path):
+    image, meta = prepared
+    other = tmp_path / "other.qcow2"
+    shutil.copyfile(image, other)
+    with other.open("r+b") as f:  # same size, one guest-invisible byte changed: another file
+        f.seek(other.stat().st_size - 1)
+        f.write(b"\x01")
+    result = cli("preflight", other, "--metadata", meta, "--json")
+    assert result.code == 3
+    assert statuses(result)["metadata_matches"] == "fail"
+    assert "sha256" in result.err
+
+
+@pytest.mark.parametrize(
+    ("content", "check"),
+    [
+        ("{not json", "metadata_schema"),
+        (json.dumps({"schema": "imagetool.metadata/1"}), "metadata_schema"),
+    ],
+)
+def test_broken_metadata_fails(cli, prepared, tmp_path, content, check):
+    image, _ = prepared
+    meta = tmp_path / "m.json"
+    meta.write_text(content)
+    result = cli("preflight", image, "--metadata", meta, "--json")
+    assert result.code == 3 and statuses(result)[check] == "fail"
+
+
+def test_metadata_with_api_unclean_registration_fails(cli, prepared, tmp_path):
+    image, meta = prepared
+    doc = json.loads(meta.read_text())
+    doc["registration"]["source"] = "incoming/web.img"  # the retired FTP field: the API refuses it
+    del doc["registration"]["username"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    result = cli("preflight", image, "--metadata", bad, "--json")
+    assert result.code == 3
+    assert statuses(result)["metadata_registration"] == "fail"
+    message = next(c["message"] for c in result.json["checks"] if c["name"] == "metadata_registration")
+    assert "unknown field 'source'" in message and "username is missing" in message
+
+
+def test_missing_metadata_file_is_environment_error(cli, prepared, tmp_path):
+    image, _ = prepared
+    result = cli("preflight", image, "--metadata", tmp_path / "nope.json", "--json")
+    assert result.code == 5 and result.json["error"]["code"] == "not_found"
+
+
+def test_raw_passes_with_a_warning_and_strict_fails_it(cli, tmp_path):
+    result = cli("preflight", SAMPLE, "--json")
+    assert result.code == 0
+    assert statuses(result)["compressed"] == "warn"
+    junit = tmp_path / "j.xml"
+    strict = cli("preflight", SAMPLE, "--strict", "--junit", junit, "--json")
+    assert strict.code == 3 and strict.json["ok"] is False
+    failures = ET.parse(junit).getroot().findall(".//failure")
+    assert [f.get("type") for f in failures] == ["not_compressed"]
+
+
+def test_uncompressed_qcow2_warns(cli, tmp_path):
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(SAMPLE.read_bytes())
+    image = tmp_path / "u.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, image)
+    result = cli("preflight", image, "--json")
+    assert result.code == 0 and statuses(result)["compressed"] == "warn"
+
+
+@pytest.mark.parametrize(
+    ("args", "check", "code"),
+    [
+        (["--max-compressed-size", "1M"], "compressed_size", 4),
+        (["--server-disk", "32M"], "server_disk", 4),
+    ],
+)
+def test_size_failures_exit_4(cli, prepared, args, check, code):
+    image, _ = prepared
+    result = cli("preflight", image, *args, "--json")
+    assert result.code == code and statuses(result)[check] == "fail"
+
+
+def test_other_formats_fail_the_format_check(cli, tmp_path):
+    image = tmp_path / "d.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", image, "8M")
+    result = cli("preflight", image, "--json")
+    assert result.code == 3 and statuses(result)["format"] == "fail"
+
+
+@pytest.mark.timeout(10)
+def test_rejected_input_still_writes_junit(cli, tmp_path):
+    junit = tmp_path / "j.xml"
+    result = cli("preflight", tmp_path, "--junit", junit, "--json")
+    assert result.code == 3
+    assert statuses(result) == {"inspect": "fail"}
+    case = ET.parse(junit).getroot().find(".//testcase")
+    assert case is not None and case.find("failure") is not None
+
+
+def test_unsafe_image_fails_inspect(cli, tmp_path):
+    image = make_qcow2(tmp_path / "e.qcow2", "1M", "-b", str(tmp_path / "x"), "-F", "raw", "-u")
+    result = cli("preflight", image, "--json")
+    assert result.code == 3 and statuses(result) == {"inspect": "fail"}
