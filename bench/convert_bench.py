@@ -12,7 +12,9 @@ Targets (issue #3): zlib no-verify <= 0.6x, zlib verify <= 0.8x, zstd no-verify
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 
 from common import IMAGETOOL, WORK, GiB, MiB, build_mixed, hyperfine, peak_rss_mb, table
@@ -56,6 +58,22 @@ def main() -> None:
     )
     sizes = {p.name: p.stat().st_size for p in sorted(WORK.glob("out-*.qcow2"))}
     print("output sizes:", ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
+    for compression, out_name in (("zlib", "out-a.qcow2"), ("zstd", "out-c.qcow2")):
+        doc = json.loads(
+            subprocess.run(
+                [IMAGETOOL, "convert", str(src), "--estimate-only", "--json", "--compression", compression],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )["estimate"]
+        real = (WORK / out_name).stat().st_size
+        print(
+            f"prediction {compression}: {doc['bytes'] / 1e6:.1f} MB (bound {doc['low'] / 1e6:.1f}-"
+            f"{doc['high'] / 1e6:.1f}) vs real {real / 1e6:.1f} MB: "
+            f"{(doc['bytes'] - real) / real * 100:+.1f}%, "
+            f"{'inside' if doc['low'] <= real <= doc['high'] else 'OUTSIDE'} the bound"
+        )
     rss = peak_rss_mb([IMAGETOOL, "convert", str(src), "-o", f"{out}-m.qcow2", "--force"])
     print(f"peak RSS (imagetool convert, verify on, largest process): {rss:.0f} MB")
 

@@ -185,21 +185,6 @@ ServerDiskOpt = Annotated[
 ]
 
 
-def _registration(name, arch, mode, username, public, description, min_ram, url):  # type: ignore[no-untyped-def]
-    from imagetool.metadata import registration
-
-    return registration(
-        name=name,
-        arch=arch,
-        mode=mode,
-        username=username,
-        public=public,
-        description=description,
-        min_ram=min_ram,
-        url=url,
-    )
-
-
 def _size_or_none(text: str | None) -> int | None:
     from imagetool.sizes import parse_size
 
@@ -224,9 +209,18 @@ def metadata_cmd(
 ) -> int:
     """Write the registration metadata JSON for an image, and print the register command."""
     from imagetool import render
-    from imagetool.metadata import write_metadata
+    from imagetool.metadata import registration, write_metadata
 
-    reg = _registration(name, arch, mode, username, public, description, min_ram, url)
+    reg = registration(
+        name=name,
+        arch=arch,
+        mode=mode,
+        username=username,
+        public=public,
+        description=description,
+        min_ram=min_ram,
+        url=url,
+    )
     path, doc = write_metadata(image, reg, output=output, server_disk=_size_or_none(server_disk), force=force)
     for note in reg.notes:
         render.note_line(note)
@@ -268,11 +262,21 @@ def prepare_cmd(
 ) -> int:
     """The main job: inspect, convert (50 GB gate), verify, and write the metadata."""
     from imagetool import render
+    from imagetool.metadata import registration
     from imagetool.prepare import prepare
     from imagetool.progress import MODES, renderer
     from imagetool.sizes import parse_size
 
-    reg = _registration(name, arch, mode, username, public, description, min_ram, url)
+    reg = registration(
+        name=name,
+        arch=arch,
+        mode=mode,
+        username=username,
+        public=public,
+        description=description,
+        min_ram=min_ram,
+        url=url,
+    )
     if progress not in MODES:
         raise UsageProblem(f"--progress {progress!r} is not one of {', '.join(MODES)}", code="bad_progress")
     limit = parse_size(max_compressed_size)

@@ -38,7 +38,7 @@ from imagetool.estimate import Estimate, Extent, GuestReader, estimate
 from imagetool.inspection import DEFAULT_MAX_VIRTUAL_SIZE, Report, inspect_source
 from imagetool.progress import Callback, Progress
 from imagetool.sizes import GiB, MiB, data_extents, human
-from imagetool.source import Source, open_source
+from imagetool.source import Source, from_descriptor, open_source
 
 DEFAULT_LIMIT = 50 * GiB  # the library fails images whose compressed image is bigger
 CLUSTER_SIZE = 256 * 1024  # measured: 0.55x plain qemu-img time, +0.7% size vs 64 KiB
@@ -317,9 +317,7 @@ def _run_convert(
 
 def _verify(src: Source, report: Report, tmp_fd: int, tmp: Path) -> Report:
     """The output must pass the inspector (with a clean check) and match the input exactly."""
-    out_src = Source(
-        path=str(tmp), fd=os.dup(tmp_fd), size=os.fstat(tmp_fd).st_size, allocated=0, device=0, inode=0
-    )
+    out_src = from_descriptor(str(tmp), tmp_fd)
     with out_src:
         out = inspect_source(out_src, "qcow2", max(DEFAULT_MAX_VIRTUAL_SIZE, report.virtual_size or 0))
         problems = out.reasons + [w for w in out.warnings if w.code == "leaked_clusters"]

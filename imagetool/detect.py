@@ -280,7 +280,7 @@ def detect(src: Source) -> Detection:
         result.reasons.append(Reason("unsupported_format", f"this is {_UNSUPPORTED[oslo_name]}"))
         return result
     oslo_family = "qcow2" if magic_format == "qcow" else magic_format
-    if magic_format and oslo_family != oslo_name and not (oslo_name == "gpt" and magic_format is None):
+    if magic_format and oslo_family != oslo_name:
         if oslo_name == "raw" and magic_format in failed:
             result.reasons.append(
                 Reason(

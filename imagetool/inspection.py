@@ -9,14 +9,13 @@ Each stage that finds a problem stops the pipeline and names it in `reasons`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from imagetool import qemu
 from imagetool.detect import ACCEPTED_FORMATS, detect, normalize_format
 from imagetool.errors import ImageRejected, Reason, UsageProblem, exit_code_for
-from imagetool.sizes import BLOCK, TiB, count_nonzero_bytes, to_mib
+from imagetool.sizes import BLOCK, TiB, count_nonzero_bytes, count_nonzero_ranges, to_mib
 from imagetool.source import Source, open_source
 
 DEFAULT_MAX_VIRTUAL_SIZE = 4 * TiB  # no server or volume in the library is bigger
@@ -266,25 +265,5 @@ def _disk_size_from_map(src: Source, extents: list[dict[str, Any]]) -> tuple[int
     )
     if not exact:
         return allocated, False
-    total = 0
-    for extent in data:
-        total += _count_range(src.fd, int(extent["offset"]), int(extent["length"]))
-    return total, True
-
-
-def _count_range(fd: int, offset: int, length: int) -> int:
-    """Non-zero 4 KiB blocks in one host range, blocks counted from `offset`."""
-    from imagetool.sizes import count_zero_blocks
-
-    total = 0
-    step = 4 << 20
-    pos = 0
-    while pos < length:
-        chunk = os.pread(fd, min(step, length - pos), offset + pos)
-        if not chunk:
-            break
-        padded = chunk + bytes(-len(chunk) % BLOCK)
-        blocks = len(padded) // BLOCK
-        total += (blocks - count_zero_blocks(padded, len(padded))) * BLOCK
-        pos += len(chunk)
-    return total
+    ranges = ((int(e["offset"]), int(e["length"])) for e in data)
+    return count_nonzero_ranges(src.fd, ranges), True

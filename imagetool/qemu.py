@@ -11,6 +11,7 @@ A call killed by a limit becomes `QemuLimitHit`, which callers report as the
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -161,6 +162,7 @@ def _json(text: str, what: str) -> Any:
         raise QemuFailed(f"qemu-img {what} printed something that is not JSON", 0, text) from None
 
 
+@functools.cache
 def version() -> str:
     out = run(["--version"]).stdout
     first = out.splitlines()[0] if out else ""

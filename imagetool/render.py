@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from imagetool.convert import ConvertResult
 from imagetool.errors import ImagetoolError, Reason
-from imagetool.inspection import Report
-from imagetool.preflight import PreflightResult
 from imagetool.sizes import human
+
+if TYPE_CHECKING:  # rendering must not import the operations it renders (start-up time)
+    from imagetool.convert import ConvertResult
+    from imagetool.inspection import Report
+    from imagetool.preflight import PreflightResult
 
 ERROR_SCHEMA = "imagetool.error/1"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from imagetool.errors import UsageProblem
@@ -97,17 +97,22 @@ def count_zero_blocks(buf: bytes | bytearray, length: int) -> int:
     return zeros
 
 
-def _scan_units(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) work units covering every data extent, 4 KiB-aligned, each <= 4 MiB."""
-    done = 0  # extents may share a 4 KiB block: never count one twice
+def _aligned_data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of every data extent, widened to whole 4 KiB blocks, none counted twice."""
+    done = 0  # extents may share a 4 KiB block
     for start, end in data_extents(fd, size):
         pos = max(start - start % BLOCK, done)
         stop = min(-(-end // BLOCK) * BLOCK, size)
-        while pos < stop:
-            length = min(_CHUNK, stop - pos)
-            yield pos, length
-            pos += length
-        done = max(done, pos)
+        if pos < stop:
+            yield pos, stop - pos
+        done = max(done, stop)
+
+
+def _units(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Split ranges into work units of at most one read buffer."""
+    for offset, length in ranges:
+        for pos in range(0, length, _CHUNK):
+            yield offset + pos, min(_CHUNK, length - pos)
 
 
 _buffers = threading.local()
@@ -128,15 +133,19 @@ def _nonzero_blocks_at(fd: int, offset: int, length: int) -> int:
     return blocks - count_zero_blocks(buf, blocks * BLOCK)
 
 
-def count_nonzero_bytes(fd: int, size: int) -> int:
-    """Exact `disk_size`: bytes in 4 KiB blocks holding any non-zero byte.
+def count_nonzero_ranges(fd: int, ranges: Iterable[tuple[int, int]]) -> int:
+    """Bytes in 4 KiB blocks holding any non-zero byte, blocks counted from each range's start.
 
-    Reads only data extents, in aligned 4 MiB units, on two threads: preadv
-    releases the GIL while the kernel copies, so reading and comparing overlap.
-    A partial last block counts as a whole block when it has data, as it would
-    on the library's disk.
+    Reads in 4 MiB units on two threads: preadv releases the GIL while the kernel
+    copies, so reading and comparing overlap. A partial last block counts as a
+    whole block when it has data, as it would on the library's disk.
     """
     workers = max(1, min(2, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        counts = pool.map(lambda unit: _nonzero_blocks_at(fd, *unit), _scan_units(fd, size))
+        counts = pool.map(lambda unit: _nonzero_blocks_at(fd, *unit), _units(ranges))
         return sum(counts) * BLOCK
+
+
+def count_nonzero_bytes(fd: int, size: int) -> int:
+    """Exact `disk_size` of a raw file: only its data extents are read."""
+    return count_nonzero_ranges(fd, _aligned_data_ranges(fd, size))

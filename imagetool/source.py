@@ -57,6 +57,15 @@ class Source:
         self.close()
 
 
+def from_descriptor(path: str, fd: int) -> Source:
+    """A Source over a duplicate of a descriptor we already own (e.g. our own output file)."""
+    dup = os.dup(fd)
+    st = os.fstat(dup)
+    return Source(
+        path=path, fd=dup, size=st.st_size, allocated=st.st_blocks * 512, device=st.st_dev, inode=st.st_ino
+    )
+
+
 def _reject(path: str, code: str, message: str) -> ImageRejected:
     return ImageRejected(message, [Reason(code, message)], path=path)
 
