@@ -34,10 +34,10 @@ from imagetool.errors import (
     SizeLimitExceeded,
     UsageProblem,
 )
-from imagetool.estimate import Estimate, Extent, GuestReader, estimate
+from imagetool.estimate import Estimate, GuestReader, estimate
 from imagetool.inspection import DEFAULT_MAX_VIRTUAL_SIZE, Report, inspect_source
 from imagetool.progress import Callback, Progress
-from imagetool.sizes import GiB, MiB, data_extents, human
+from imagetool.sizes import Extent, GiB, MiB, data_extents, human
 from imagetool.source import Source, from_descriptor, open_source
 
 DEFAULT_LIMIT = 50 * GiB  # the library fails images whose compressed image is bigger
@@ -126,11 +126,10 @@ def guest_reader(src: Source, report: Report) -> GuestReader | None:
     """Where the guest's data lives in the input file, when it can be read directly."""
     if report.format == "raw":
         return GuestReader(src.fd, [Extent(s, e - s, s) for s, e in data_extents(src.fd, src.size)])
-    extents = qemu.map_extents(src.proc_path, str(report.format), (src.fd,))
-    data = [e for e in extents if e.get("data") and not e.get("zero")]
-    if not all(isinstance(e.get("offset"), int) for e in data):
+    extents = report.data_map or []
+    if any(e.host is None for e in extents):
         return None  # compressed input: its clusters can only be read through qemu
-    return GuestReader(src.fd, [Extent(int(e["start"]), int(e["length"]), int(e["offset"])) for e in data])
+    return GuestReader(src.fd, extents)
 
 
 def predict(src: Source, report: Report, compression: str) -> Estimate | None:

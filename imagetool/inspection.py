@@ -15,7 +15,7 @@ from typing import Any
 from imagetool import qemu
 from imagetool.detect import ACCEPTED_FORMATS, detect, normalize_format
 from imagetool.errors import ImageRejected, Reason, UsageProblem, exit_code_for
-from imagetool.sizes import BLOCK, TiB, count_nonzero_bytes, count_nonzero_ranges, to_mib
+from imagetool.sizes import BLOCK, Extent, TiB, count_nonzero_bytes, count_nonzero_ranges, to_mib
 from imagetool.source import Source, open_source
 
 DEFAULT_MAX_VIRTUAL_SIZE = 4 * TiB  # no server or volume in the library is bigger
@@ -46,6 +46,8 @@ class Report:
     reasons: list[Reason] = field(default_factory=list)
     warnings: list[Reason] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
+    # Where a non-raw image's guest data lives (qemu-img map), kept for convert's estimate.
+    data_map: list[Extent] | None = field(default=None, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -53,6 +55,7 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         out = {"schema": SCHEMA, **asdict(self)}
+        del out["data_map"]
         out["reasons"] = [r.as_dict() for r in self.reasons]
         out["warnings"] = [w.as_dict() for w in self.warnings]
         return out
@@ -245,25 +248,19 @@ def _measure_disk_size(src: Source, fmt: str, report: Report) -> None:
         report.disk_size_exact = True
         report.disk_size_method = "scan"
     else:
-        extents = qemu.map_extents(src.proc_path, fmt, (src.fd,))
-        report.disk_size, report.disk_size_exact = _disk_size_from_map(src, extents)
+        report.data_map = qemu.map_extents(src.proc_path, fmt, (src.fd,))
+        report.disk_size, report.disk_size_exact = _disk_size_from_map(src, report.data_map)
         report.disk_size_method = "scan" if report.disk_size_exact else "qemu-img map"
     report.disk_size_mib = to_mib(report.disk_size)
 
 
-def _disk_size_from_map(src: Source, extents: list[dict[str, Any]]) -> tuple[int, bool]:
+def _disk_size_from_map(src: Source, extents: list[Extent]) -> tuple[int, bool]:
     """Count non-zero 4 KiB guest blocks by reading the host bytes behind each data range.
 
-    Exact when every data range is uncompressed (has a host `offset`) and 4 KiB
+    Exact when every data range is uncompressed (has a host offset) and 4 KiB
     aligned in both guest and host; otherwise the allocated total, an upper bound.
     """
-    data = [e for e in extents if e.get("data") and not e.get("zero")]
-    allocated = sum(-(-int(e.get("length", 0)) // BLOCK) * BLOCK for e in data)
-    exact = all(
-        isinstance(e.get("offset"), int) and int(e["start"]) % BLOCK == 0 and int(e["offset"]) % BLOCK == 0
-        for e in data
-    )
-    if not exact:
+    allocated = sum(-(-e.length // BLOCK) * BLOCK for e in extents)
+    if not all(e.host is not None and e.start % BLOCK == 0 and e.host % BLOCK == 0 for e in extents):
         return allocated, False
-    ranges = ((int(e["offset"]), int(e["length"])) for e in data)
-    return count_nonzero_ranges(src.fd, ranges), True
+    return count_nonzero_ranges(src.fd, ((e.host, e.length) for e in extents if e.host is not None)), True

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagetool.errors import EnvironmentProblem, ImagetoolError
+from imagetool.sizes import Extent
 
 QEMU_IMG = "qemu-img"
 
@@ -195,11 +196,18 @@ def check(path: str, fmt: str, fds: tuple[int, ...]) -> tuple[int, dict[str, Any
     return proc.returncode, report if isinstance(report, dict) else {}
 
 
-def map_extents(path: str, fmt: str, fds: tuple[int, ...]) -> list[dict[str, Any]]:
-    """`qemu-img map`: the guest ranges, whether each holds data, and where (if uncompressed)."""
+def map_extents(path: str, fmt: str, fds: tuple[int, ...]) -> list[Extent]:
+    """`qemu-img map`: the guest ranges that hold data, and where (None when compressed)."""
     out = run(["map", "-f", fmt, "--output=json", "--force-share", path], fds, CHECK_LIMITS).stdout
     data = _json(out, "map")
-    return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+    extents = []
+    for entry in data if isinstance(data, list) else []:
+        if not isinstance(entry, dict) or not entry.get("data") or entry.get("zero"):
+            continue
+        start, length, host = entry.get("start"), entry.get("length"), entry.get("offset")
+        if isinstance(start, int) and isinstance(length, int):
+            extents.append(Extent(start, length, host if isinstance(host, int) else None))
+    return extents
 
 
 def create(path: str, fmt: str, size: int, options: dict[str, str], fds: tuple[int, ...]) -> None:

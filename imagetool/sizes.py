@@ -17,6 +17,7 @@ import re
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from imagetool.errors import UsageProblem
 
@@ -32,6 +33,18 @@ _ZERO_CHUNK = bytes(_CHUNK)
 
 _UNITS = {"": 1, "B": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB, "P": 1024 * TiB}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Guest bytes [start, start+length) that hold data, stored at `host` in the image file.
+
+    `host` is None where the data cannot be read directly (a compressed cluster).
+    """
+
+    start: int
+    length: int
+    host: int | None
 
 
 def parse_size(text: str) -> int:

@@ -10,8 +10,8 @@ import pytest
 from conftest import SAMPLE, sparse_raw
 
 from imagetool.convert import CLUSTER_SIZE
-from imagetool.estimate import Extent, GuestReader, estimate
-from imagetool.sizes import MiB, data_extents
+from imagetool.estimate import GuestReader, estimate
+from imagetool.sizes import Extent, MiB, data_extents
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -68,8 +68,9 @@ def test_estimate_within_10_percent_and_bound_holds(cli, tmp_path, kind, compres
     assert abs(est.bytes - real) <= 0.10 * real + CLUSTER_SIZE, (est.bytes, real)
 
 
-def test_sampling_is_bounded_on_big_inputs(tmp_path):
-    src = sparse_raw(tmp_path / "big.raw", 8 << 30, {i * 16 * MiB: b"data" for i in range(400)})
-    est = predicted(src, "zlib")
-    assert est.clusters_with_data == 400
-    assert est.clusters_sampled == 256 and est.method == "sample"
+@pytest.mark.parametrize(("compression", "samples"), [("zlib", 512), ("zstd", 256)])
+def test_sampling_is_bounded_on_big_inputs(tmp_path, compression, samples):
+    src = sparse_raw(tmp_path / "big.raw", 32 << 30, {i * 16 * MiB: b"data" for i in range(1000)})
+    est = predicted(src, compression)
+    assert est.clusters_with_data == 1000
+    assert est.clusters_sampled == samples and est.method == "sample"
