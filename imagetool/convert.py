@@ -34,7 +34,7 @@ from imagetool.errors import (
     SizeLimitExceeded,
     UsageProblem,
 )
-from imagetool.estimate import Estimate, GuestReader, estimate
+from imagetool.estimate import Estimate, GuestReader, ceiling, estimate
 from imagetool.inspection import DEFAULT_MAX_VIRTUAL_SIZE, Report, inspect_source
 from imagetool.progress import Callback, Progress
 from imagetool.sizes import Extent, GiB, MiB, data_extents, human
@@ -122,21 +122,27 @@ def _check_output(src: Source, output: Path, force: bool) -> None:
         )
 
 
-def guest_reader(src: Source, report: Report) -> GuestReader | None:
-    """Where the guest's data lives in the input file, when it can be read directly."""
+def _guest_extents(src: Source, report: Report) -> list[Extent]:
+    """Where the guest's data lives in the input file (host None: only qemu can read it)."""
     if report.format == "raw":
-        return GuestReader(src.fd, [Extent(s, e - s, s) for s, e in data_extents(src.fd, src.size)])
-    extents = report.data_map or []
+        return [Extent(s, e - s, s) for s, e in data_extents(src.fd, src.size)]
+    return report.data_map or []
+
+
+def predict(src: Source, report: Report, compression: str, limit: int | None = None) -> Estimate | None:
+    """Predict the output size; with `limit`, skip sampling when even the ceiling fits under it.
+
+    None when the data cannot be sampled (a compressed input) and the ceiling does not fit.
+    """
+    extents = _guest_extents(src, report)
+    virtual_size = int(report.virtual_size or 0)
+    most = ceiling(extents, virtual_size, CLUSTER_SIZE, compression)
+    if limit is not None and most.high <= limit:
+        return most
     if any(e.host is None for e in extents):
-        return None  # compressed input: its clusters can only be read through qemu
-    return GuestReader(src.fd, extents)
-
-
-def predict(src: Source, report: Report, compression: str) -> Estimate | None:
-    reader = guest_reader(src, report)
-    if reader is None:
         return None
-    return estimate(reader, int(report.virtual_size or 0), CLUSTER_SIZE, compression, seed=src.size)
+    reader = GuestReader(src.fd, extents)
+    return estimate(reader, virtual_size, CLUSTER_SIZE, compression, seed=src.size)
 
 
 def _gate_before(est: Estimate | None, limit: int, path: str) -> list[Reason]:
@@ -374,7 +380,7 @@ def convert(
         target = Path(output) if output else default_output(source)
         if not estimate_only:
             _check_output(src, target, force)
-        est = predict(src, report, compression)
+        est = predict(src, report, compression, None if estimate_only else limit)
         result = ConvertResult(
             source=source,
             output=None if estimate_only else str(target),

@@ -55,27 +55,30 @@ class JsonLines:
 
 
 class Bar:
-    """A tqdm bar in bytes (rate and ETA included), drawn on stderr."""
+    """A tqdm bar in bytes (rate and ETA included), drawn on stderr once the total is known."""
 
     def __init__(self, description: str) -> None:
-        from tqdm import tqdm  # imported only when a bar is shown
-
-        self.bar: Any = tqdm(
-            total=0,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=description,
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
+        self.description = description
+        self.bar: Any = None
 
     def __call__(self, p: Progress) -> None:
-        self.bar.total = p.total
+        if self.bar is None:
+            from tqdm import tqdm  # imported only when a bar is shown
+
+            self.bar = tqdm(
+                total=p.total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=self.description,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
         self.bar.update(p.done - self.bar.n)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class Silent:

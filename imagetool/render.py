@@ -106,12 +106,17 @@ def inspect_text(report: Report) -> str:
 
 def convert_text(result: ConvertResult) -> str:
     est = result.estimate
-    predicted = (
-        f"{human(est.bytes)} (between {human(est.low)} and {human(est.high)}, "
-        f"{est.clusters_sampled}/{est.clusters_with_data} clusters sampled)"
-        if est
-        else "not available for this input"
-    )
+    if est and est.method == "ceiling":
+        predicted = (
+            f"at most {human(est.high)} (every data cluster stored whole): under the limit, not sampled"
+        )
+    else:
+        predicted = (
+            f"{human(est.bytes)} (between {human(est.low)} and {human(est.high)}, "
+            f"{est.clusters_sampled}/{est.clusters_with_data} clusters sampled)"
+            if est
+            else "not available for this input"
+        )
     if result.output is None or result.output_size is None:
         verdict = (
             "fits"
