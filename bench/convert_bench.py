@@ -54,7 +54,7 @@ def main() -> None:
     est_share = t["imagetool --estimate-only"] / t["imagetool zlib, no verify"]
     print(
         f"\nimagetool overhead over the same qemu-img flags: {overhead * 100:+.1f}% "
-        f"(prediction alone: {est_share * 100:.1f}% of a zlib run)"
+        f"(an --estimate-only run, start-up + inspection + sampling: {est_share * 100:.1f}% of a zlib run)"
     )
     sizes = {p.name: p.stat().st_size for p in sorted(WORK.glob("out-*.qcow2"))}
     print("output sizes:", ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sizes.items()))
