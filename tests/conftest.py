@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,21 @@ def cli(capsys: pytest.CaptureFixture[str]):
 def qemu_img(*args: str | os.PathLike[str]) -> None:
     proc = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, text=True)
     assert proc.returncode == 0, f"qemu-img {args}: {proc.stderr}"
+
+
+def slow_input(tmp_path: Path) -> Path:
+    """A raw disk with 160 MiB of incompressible data: seconds of work, time to interrupt it."""
+    return sparse_raw(tmp_path / "big.raw", 512 << 20, {0: os.urandom(160 << 20)})
+
+
+def start_imagetool(*args: str | os.PathLike[str]) -> subprocess.Popen[str]:
+    """The real CLI in a child process, for signals and for watching files while it works."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "imagetool", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def make_qcow2(path: Path, size: str = "64M", *opts: str) -> Path:

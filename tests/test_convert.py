@@ -7,12 +7,11 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, make_qcow2, qemu_img, sparse_raw
+from conftest import SAMPLE, make_qcow2, qemu_img, slow_input, sparse_raw, start_imagetool
 
 from imagetool import convert as convert_mod
 from imagetool.sizes import GiB, MiB, parse_size
@@ -297,26 +296,9 @@ def test_bad_options_are_usage_errors(cli, tmp_path, args, words):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_mid_run_removes_partial_output(tmp_path, sig):
-    src = sparse_raw(tmp_path / "big.raw", 512 * MiB, {0: os.urandom(160 * MiB)})
     out = tmp_path / "out.qcow2"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "imagetool",
-            "convert",
-            str(src),
-            "-o",
-            str(out),
-            "--threads",
-            "1",
-            "--progress",
-            "json",
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_imagetool(
+        "convert", slow_input(tmp_path), "-o", out, "--threads", "1", "--progress", "json", "--json"
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 30

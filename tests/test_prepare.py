@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, make_qcow2, qemu_img, sparse_raw
+from conftest import SAMPLE, make_qcow2, qemu_img, slow_input, sparse_raw, start_imagetool
 
 from imagetool.metadata import schema_errors
 from imagetool.sizes import MiB
@@ -51,25 +48,8 @@ def test_prepare_json_is_the_document(cli, tmp_path):
 
 
 def test_metadata_says_creating_while_it_works(tmp_path):
-    src = sparse_raw(tmp_path / "big.raw", 512 * MiB, {0: os.urandom(160 * MiB)})
     meta = tmp_path / "big.qcow2.json"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "imagetool",
-            "prepare",
-            str(src),
-            *REG,
-            "--threads",
-            "1",
-            "--progress",
-            "none",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_imagetool("prepare", slow_input(tmp_path), *REG, "--threads", "1", "--progress", "none")
     states = []
     while proc.poll() is None:
         if meta.exists():
