@@ -203,6 +203,9 @@ def _temp_beside(output: Path) -> Iterator[tuple[int, Path]]:
     """A new, exclusively created temp file in the output's directory; removed unless renamed."""
     fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".imagetool-tmp", dir=output.parent)
     path = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename: use what any new file gets
     try:
         yield fd, path
     finally:

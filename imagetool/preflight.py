@@ -153,7 +153,12 @@ def _image_checks(report: Report, limit: int, server_disk: int | None) -> list[C
     else:
         checks.append(Check("compressed_size", "pass", f"{human(size)} (limit {human(limit)})"))
     data = int(report.disk_size or 0)
-    how = "" if report.disk_size_exact else f" (estimate from {report.disk_size_method}: an upper bound)"
+    if report.disk_size_method == "metadata":
+        how = " (exact, from the metadata of this very file)"
+    elif not report.disk_size_exact:
+        how = f" (estimate from {report.disk_size_method}: an upper bound)"
+    else:
+        how = ""
     if data > DISK_SIZE_LIMIT:
         checks.append(
             Check(
@@ -275,7 +280,22 @@ def preflight(
             )
             return result
         result.checks.append(Check("inspect", "pass", f"safe: {', '.join(report.checks)} passed"))
-        result.checks += _image_checks(report, limit, server_disk)
-        if loaded is not None:
-            result.checks += _metadata_checks(*loaded, report, src.fd)
+        meta_checks = _metadata_checks(*loaded, report, src.fd) if loaded is not None else []
+        if loaded is not None and any(
+            c.name == "metadata_matches" and c.status == "pass" for c in meta_checks
+        ):
+            _trust_metadata_disk_size(report, loaded[0]["image"])
+        result.checks += _image_checks(report, limit, server_disk) + meta_checks
     return result
+
+
+def _trust_metadata_disk_size(report: Report, image: dict[str, Any]) -> None:
+    """Metadata of this very file (same sha256) may know the exact disk_size our scan can't."""
+    if (
+        not report.disk_size_exact
+        and image.get("disk_size_exact")
+        and isinstance(image.get("disk_size"), int)
+    ):
+        report.disk_size = image["disk_size"]
+        report.disk_size_exact = True
+        report.disk_size_method = "metadata"

@@ -105,6 +105,16 @@ def test_default_output_name_and_human_summary(cli, tmp_path):
     assert f"{src} -> {tmp_path / 'disk.qcow2'}" in result.out and "verified" in result.out
 
 
+def test_output_mode_follows_the_umask(cli, tmp_path):
+    out = tmp_path / "o.qcow2"
+    old = os.umask(0o022)
+    try:
+        assert cli("convert", SAMPLE, "-o", out).code == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
 def test_input_is_never_modified(cli, tmp_path, mixed):
     before = mixed.read_bytes()
     assert cli("convert", mixed, "-o", tmp_path / "o.qcow2").code == 0

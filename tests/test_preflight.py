@@ -51,6 +51,16 @@ def test_prepared_image_passes_every_check(cli, prepared, tmp_path):
     assert len(suite.findall("testcase")) == 9
 
 
+def test_matching_metadata_supplies_the_exact_disk_size(cli, prepared):
+    image, meta = prepared
+    alone = cli("preflight", image, "--json").json
+    with_meta = cli("preflight", image, "--metadata", meta, "--json").json
+    message = {c["name"]: c["message"] for c in alone["checks"]}["disk_size"]
+    assert "upper bound" in message  # a compressed qcow2's data can't be read exactly
+    message = {c["name"]: c["message"] for c in with_meta["checks"]}["disk_size"]
+    assert message.startswith("1.7 MiB of non-zero data (exact")
+
+
 def test_metadata_of_another_file_fails(cli, prepared, tmp_path):
     image, meta = prepared
     other = tmp_path / "other.qcow2"
