@@ -138,11 +138,9 @@ def convert_cmd(
     """Convert a disk image to sparse, compressed qcow2, within the size limit."""
     from imagetool import render
     from imagetool.convert import convert
-    from imagetool.progress import MODES, renderer
+    from imagetool.progress import renderer
     from imagetool.sizes import parse_size
 
-    if progress not in MODES:
-        raise UsageProblem(f"--progress {progress!r} is not one of {', '.join(MODES)}", code="bad_progress")
     limit = parse_size(max_compressed_size)
     show = renderer("none" if estimate_only else progress, "converting")
     try:
@@ -264,7 +262,7 @@ def prepare_cmd(
     from imagetool import render
     from imagetool.metadata import registration
     from imagetool.prepare import prepare
-    from imagetool.progress import MODES, renderer
+    from imagetool.progress import renderer
     from imagetool.sizes import parse_size
 
     reg = registration(
@@ -277,8 +275,6 @@ def prepare_cmd(
         min_ram=min_ram,
         url=url,
     )
-    if progress not in MODES:
-        raise UsageProblem(f"--progress {progress!r} is not one of {', '.join(MODES)}", code="bad_progress")
     limit = parse_size(max_compressed_size)
     show = renderer(progress, "preparing")
     try:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from imagetool.errors import UsageProblem
+
 MODES = ("auto", "bar", "json", "none")
 
 
@@ -90,6 +92,8 @@ class Silent:
 
 
 def renderer(mode: str, description: str) -> Bar | JsonLines | Silent:
+    if mode not in MODES:
+        raise UsageProblem(f"--progress {mode!r} is not one of {', '.join(MODES)}", code="bad_progress")
     if mode == "auto":
         mode = "bar" if sys.stderr.isatty() else "none"
     if mode == "bar":
