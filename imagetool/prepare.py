@@ -15,7 +15,7 @@ from typing import Any
 from imagetool.atomic import write_json
 from imagetool.convert import DEFAULT_LIMIT, ConvertResult, convert, default_output
 from imagetool.errors import ImagetoolError, Interrupted, Reason, UsageProblem
-from imagetool.inspection import Report, inspect_image
+from imagetool.inspection import Report, inspect_source
 from imagetool.metadata import (
     Registration,
     check_writable,
@@ -97,11 +97,11 @@ def prepare(
             progress=tick,
             on_start=started,
         )
-        out_report = result.output_report or inspect_image(str(target))
         # The guest data is the input's: its exact disk_size beats an estimate from the qcow2.
         source_report = result.input_report
         exact = result.disk_size if source_report and source_report.disk_size_exact else None
         with open_source(str(target)) as out:
+            out_report = result.output_report or inspect_source(out)  # --no-verify: inspect it now
             facts = image_facts(out, out_report, disk_size=exact)
         image.clear()
         image.update(facts)

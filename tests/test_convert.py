@@ -342,3 +342,14 @@ def test_interrupt_mid_run_removes_partial_output(tmp_path, sig):
     assert "Traceback" not in stderr
     time.sleep(0.2)
     assert [pid for pid in qemu_children if Path(f"/proc/{pid}").exists()] == []  # no orphan left
+
+
+def test_qemu_errors_are_classified_by_their_real_message(tmp_path):
+    out = tmp_path / "o.qcow2"
+    locked = convert_mod._qemu_error(
+        'qemu-img: Failed to get "write" lock\nIs another process using it?', out
+    )
+    io_error = convert_mod._qemu_error("qemu-img: error while writing at block 7: Input/output error", out)
+    shared = convert_mod._qemu_error('qemu-img: Failed to get shared "write" lock', out)
+    assert locked.code == shared.code == "locked"
+    assert io_error.code == "convert_failed" and "Input/output error" in io_error.message
