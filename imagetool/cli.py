@@ -1,21 +1,25 @@
 """The command line: parse, call an operation, render, exit. No logic lives here.
 
 Exit codes (shared by every command): 0 ok, 1 internal error (a bug), 2 usage,
-3 image rejected, 4 size limit exceeded, 5 I/O or environment; 130 interrupted.
-With --json, stdout holds exactly one JSON object with a `schema` key, whatever
-the outcome.
+3 image rejected, 4 size limit exceeded, 5 I/O or environment; 128+N when
+signal N stopped it (130 Ctrl-C, 129 SIGHUP, 143 SIGTERM). With --json, stdout
+holds exactly one JSON object with a `schema` key, whatever the outcome.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
+from imagetool import __version__
 from imagetool.errors import ExitCode, ImageRejected, ImagetoolError, Interrupted, UsageProblem
 
 app = typer.Typer(
@@ -27,12 +31,52 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if not value:
+        return
+    from imagetool import qemu, render
+
+    try:
+        qemu_version = qemu.version()
+    except ImagetoolError as exc:
+        qemu_version = f"unavailable ({exc.message})"
+    render.say(f"imagetool {__version__}\nqemu-img {qemu_version}")
+    raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_show_version, help="Print versions and exit."),
+    ] = False,
+) -> None:
     """Prepare virtual-disk images for a cloud image library, safely."""
 
 
-INTERRUPTED = 130  # Ctrl-C or SIGTERM: the shell's convention, outside the 0-5 contract
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal, a dropped ssh) unwind like Ctrl-C, for the whole run.
+
+    Raised once: a second signal during the clean-up is ignored so the clean-up finishes.
+    """
+
+    def unwind(signum: int, frame: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, unwind) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _signal_exit(exc: BaseException) -> int:
+    return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
+
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -55,12 +99,16 @@ def command(name: str) -> Callable[[F], F]:
                 suffix = f" [{exc.code}]" if isinstance(exc, ImageRejected) else ""
                 render.error_line(exc.one_line() + suffix)
                 raise typer.Exit(int(exc.exit_code)) from None
-            except (KeyboardInterrupt, Interrupted):
-                stopped = ImagetoolError("interrupted; nothing was left behind", code="interrupted")
+            except (KeyboardInterrupt, Interrupted) as exc:
+                code = _signal_exit(exc)
+                stopped = ImagetoolError(
+                    f"interrupted by {signal.Signals(code - 128).name}; nothing was left behind",
+                    code="interrupted",
+                )
                 if as_json:
-                    render.emit_json(render.error_document(name, stopped) | {"exit_code": 130})
+                    render.emit_json(render.error_document(name, stopped) | {"exit_code": code})
                 render.error_line(stopped.message)
-                raise typer.Exit(INTERRUPTED) from None
+                raise typer.Exit(code) from None
             raise typer.Exit(int(code or 0))
 
         app.command(name)(run)
@@ -94,7 +142,7 @@ def inspect_cmd(
     if json_out:
         render.emit_json(report.as_dict())
     else:
-        print(render.inspect_text(report))
+        render.say(render.inspect_text(report))
     render.rejection_line(report)
     return report.exit_code
 
@@ -161,7 +209,7 @@ def convert_cmd(
     if json_out:
         render.emit_json(result.as_dict())
     else:
-        print(render.convert_text(result))
+        render.say(render.convert_text(result))
     for warning in result.warnings:
         render.warning_line(result.source, warning)
     return 0
@@ -225,7 +273,7 @@ def metadata_cmd(
     if json_out:
         render.emit_json(doc)
     else:
-        print(render.metadata_text(path, doc))
+        render.say(render.metadata_text(path, doc))
     return 0
 
 
@@ -281,7 +329,7 @@ def prepare_cmd(
         _qcow2, meta, doc, result = prepare(
             source,
             reg,
-            output=output,
+            output_path=output,
             server_disk=_size_or_none(server_disk),
             force=force,
             compression=compression,
@@ -298,8 +346,8 @@ def prepare_cmd(
     if json_out:
         render.emit_json(doc)
     else:
-        print(render.convert_text(result))
-        print(render.metadata_text(meta, doc))
+        render.say(render.convert_text(result))
+        render.say(render.metadata_text(meta, doc))
     for warning in result.warnings:
         render.warning_line(result.source, warning)
     return 0
@@ -314,30 +362,28 @@ def preflight_cmd(
     junit: Annotated[
         str | None, typer.Option(help="Also write JUnit XML here (one testcase per check).")
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --junit file.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too.")] = False,
     json_out: JsonOpt = False,
 ) -> int:
     """Check an image (and its metadata) before upload; exit 0 only when nothing fails."""
-    from pathlib import Path
-
-    from imagetool import render
-    from imagetool.atomic import write_text
+    from imagetool import output, render
     from imagetool.preflight import preflight
     from imagetool.sizes import parse_size
 
+    limit = parse_size(max_compressed_size)
+    inputs = {key for key in (output.key_of(image), metadata and output.key_of(metadata)) if key}
+    if junit:  # refused before any work, like every output
+        output.check_target(Path(junit), force=force, inputs=inputs)
     result = preflight(
-        image,
-        metadata=metadata,
-        server_disk=_size_or_none(server_disk),
-        limit=parse_size(max_compressed_size),
-        strict=strict,
+        image, metadata=metadata, server_disk=_size_or_none(server_disk), limit=limit, strict=strict
     )
     if junit:
-        write_text(Path(junit), result.junit())
+        output.write_file(Path(junit), result.junit().encode(), force=force, inputs=inputs)
     if json_out:
         render.emit_json(result.as_dict())
     else:
-        print(render.preflight_text(result))
+        render.say(render.preflight_text(result))
     for check in result.failing():
         render.error_line(f"{image}: {check.name}: {check.message} [{check.code}]")
     return result.exit_code
@@ -349,25 +395,35 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
-    try:
-        app(args=args, prog_name="imagetool")
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if code == ExitCode.USAGE and as_json and not render.json_emitted():
-            # Typer rejected the command line before any command ran.
-            render.emit_json(
-                render.error_document(
-                    args[0] if args else "imagetool",
-                    UsageProblem("invalid command line (see the message on stderr)"),
-                )
+    commands = {info.name for info in app.registered_commands}
+    name = args[0] if args and args[0] in commands else "imagetool"
+    with _signals_unwind():
+        try:
+            returned = typer.main.get_command(app).main(
+                args=args, prog_name="imagetool", standalone_mode=False
             )
-    except Exception as exc:  # a bug: one line, and the traceback only when debugging
-        if os.environ.get("IMAGETOOL_DEBUG"):
-            raise
-        bug = ImagetoolError(f"internal error (a bug, please report it): {type(exc).__name__}: {exc}")
-        if as_json and not render.json_emitted():
-            render.emit_json(render.error_document(args[0] if args else "imagetool", bug))
-        render.error_line(bug.message)
-        code = ExitCode.INTERNAL
+            code = returned if isinstance(returned, int) else 0
+        except typer.TyperException as exc:  # the command line itself is wrong
+            message = exc.format_message()
+            if "\n" in message:  # `imagetool` alone: click's help text is the message
+                render.error_line("a command is required: inspect, convert, metadata, prepare or preflight")
+                message = "a command is required (see imagetool --help)"
+            else:
+                where = "" if name == "imagetool" else f"{name} "
+                render.error_line(f"{message} (see imagetool {where}--help)")
+            if as_json and not render.json_emitted():
+                render.emit_json(render.error_document(name, UsageProblem(message, code="usage")))
+            code = int(ExitCode.USAGE)
+        except typer.Abort:
+            code = _signal_exit(KeyboardInterrupt())
+        except (KeyboardInterrupt, Interrupted) as exc:  # outside any command (while parsing)
+            code = _signal_exit(exc)
+        except Exception as exc:  # a bug: one line, and the traceback only when debugging
+            if os.environ.get("IMAGETOOL_DEBUG"):
+                raise
+            bug = ImagetoolError(f"internal error (a bug, please report it): {type(exc).__name__}: {exc}")
+            if as_json and not render.json_emitted():
+                render.emit_json(render.error_document(name, bug))
+            render.error_line(bug.message)
+            code = ExitCode.INTERNAL
     return int(code)

@@ -44,7 +44,11 @@ def exit_code_for(reasons: list[Reason]) -> ExitCode:
 
 
 class Interrupted(BaseException):
-    """SIGTERM arrived: unwinds like Ctrl-C (KeyboardInterrupt) so cleanups run."""
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C (KeyboardInterrupt) so cleanups run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class ImagetoolError(Exception):
@@ -100,3 +104,10 @@ class ImageRejected(ImagetoolError):
 class SizeLimitExceeded(ImagetoolError):
     exit_code = ExitCode.SIZE_LIMIT
     code = "compressed_too_large"
+
+
+class VerifyFailed(ImagetoolError):
+    """The written output is not what it should be (unclean, or not the input's content): removed."""
+
+    exit_code = ExitCode.ENVIRONMENT
+    code = "verify_failed"

@@ -9,24 +9,38 @@ Each stage that finds a problem stops the pipeline and names it in `reasons`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from imagetool import qemu
 from imagetool.detect import ACCEPTED_FORMATS, detect, normalize_format
 from imagetool.errors import ImageRejected, Reason, UsageProblem, exit_code_for
-from imagetool.sizes import BLOCK, Extent, TiB, count_nonzero_bytes, count_nonzero_ranges, to_mib
+from imagetool.policy import MAX_VIRTUAL_SIZE
+from imagetool.sizes import BLOCK, Extent, count_nonzero_bytes, count_nonzero_ranges, to_mib
 from imagetool.source import Source, open_source
 
-DEFAULT_MAX_VIRTUAL_SIZE = 4 * TiB  # no server or volume in the library is bigger
+DEFAULT_MAX_VIRTUAL_SIZE = MAX_VIRTUAL_SIZE
 SCHEMA = "imagetool.inspect/1"
 
 _BACKING_KEYS = ("backing-filename", "full-backing-filename", "backing-filename-format")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Qcow2Facts:
+    """The qcow2 header facts qemu-img reports, and what `qemu-img check` counted."""
+
+    compat: str | None
+    compression_type: str
+    cluster_size: int | None
+    lazy_refcounts: bool | None
+    extended_l2: bool
+    compressed_clusters: int = 0
+    allocated_clusters: int = 0
+
+
+@dataclass(frozen=True)
 class Report:
-    """Everything `inspect` found; `safe` is True only when `reasons` is empty."""
+    """Everything `inspect` found, built once; `safe` is True only when `reasons` is empty."""
 
     path: str
     format: str | None = None
@@ -41,28 +55,50 @@ class Report:
     disk_size_method: str | None = None
     file_size: int | None = None
     allocated_size: int | None = None
-    qcow2: dict[str, Any] | None = None
-    safe: bool = False
-    reasons: list[Reason] = field(default_factory=list)
-    warnings: list[Reason] = field(default_factory=list)
-    checks: list[str] = field(default_factory=list)
-    # Where a non-raw image's guest data lives (qemu-img map), kept for convert's estimate.
-    data_map: list[Extent] | None = field(default=None, repr=False)
+    qcow2: Qcow2Facts | None = None
+    reasons: tuple[Reason, ...] = ()
+    warnings: tuple[Reason, ...] = ()
+    checks: tuple[str, ...] = ()
+
+    @property
+    def safe(self) -> bool:
+        return not self.reasons and self.format is not None
 
     @property
     def exit_code(self) -> int:
-        return int(exit_code_for(self.reasons))
+        return int(exit_code_for(list(self.reasons)))
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"schema": SCHEMA, **asdict(self)}
-        del out["data_map"]
+        out = {"schema": SCHEMA, **asdict(self), "safe": self.safe}
         out["reasons"] = [r.as_dict() for r in self.reasons]
         out["warnings"] = [w.as_dict() for w in self.warnings]
+        out["checks"] = list(self.checks)
         return out
 
     def rejected(self) -> ImageRejected:
         first = self.reasons[0]
-        return ImageRejected(first.message, self.reasons, path=self.path, report=self)
+        return ImageRejected(first.message, list(self.reasons), path=self.path, report=self)
+
+
+@dataclass
+class _Findings:
+    """The report while the pipeline fills it in; frozen into a Report at the end."""
+
+    fields: dict[str, Any]
+    reasons: list[Reason] = field(default_factory=list)
+    warnings: list[Reason] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+
+    def add(self, reasons: list[Reason]) -> None:
+        self.reasons.extend(r for r in reasons if r not in self.reasons)
+
+    def report(self) -> Report:
+        return Report(
+            **self.fields,
+            reasons=tuple(self.reasons),
+            warnings=tuple(self.warnings),
+            checks=tuple(self.checks),
+        )
 
 
 def inspect_image(
@@ -73,62 +109,67 @@ def inspect_image(
         with open_source(path) as src:
             return inspect_source(src, claimed_format, max_virtual_size)
     except ImageRejected as exc:  # refused before it could be opened (directory, FIFO, …)
-        return Report(path=path, reasons=exc.reasons, checks=["regular_file"])
+        return Report(path=path, reasons=tuple(exc.reasons), checks=("regular_file",))
 
 
 def inspect_source(
     src: Source, claimed_format: str | None = None, max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
 ) -> Report:
-    """Inspect an already-open source; callers that go on to convert reuse the descriptor."""
+    """Inspect an already-open source (callers that go on to convert reuse the descriptor)."""
+    return examine(src, claimed_format, max_virtual_size)[0]
+
+
+def examine(
+    src: Source, claimed_format: str | None = None, max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
+) -> tuple[Report, list[Extent] | None]:
+    """The report, and beside it where a non-raw image's guest data lives (qemu-img map), for convert."""
     claimed = normalize_format(claimed_format) if claimed_format else None
     if claimed is not None and claimed not in ACCEPTED_FORMATS:
         raise UsageProblem(
             f"--format {claimed_format!r} is not one of {', '.join(ACCEPTED_FORMATS)} (vhd means vpc)",
             code="bad_format",
         )
-    report = Report(
-        path=src.path,
-        claimed_format=claimed,
-        file_size=src.size,
-        allocated_size=src.allocated,
+    found = _Findings(
+        fields={
+            "path": src.path,
+            "claimed_format": claimed,
+            "file_size": src.size,
+            "allocated_size": src.allocated,
+        },
         checks=["regular_file"],
     )
+    header = detect(src)
+    found.checks.append("header")
+    found.fields.update(magic=header.magic, format=header.format, partition_table=header.partition_table)
+    found.add(header.reasons)
+    if header.format and claimed and header.format != claimed:
+        found.add([Reason("format_mismatch", f"claimed format {claimed} but the content is {header.format}")])
+    if header.format:
+        found.fields.update(virtual_size=header.virtual_size, virtual_size_mib=to_mib(header.virtual_size))
+        found.add(_size_policy(header.virtual_size, max_virtual_size))
+    if found.reasons or header.format is None:
+        return found.report(), None
 
-    found = detect(src)
-    report.checks.append("header")
-    report.magic = found.magic
-    report.format = found.format
-    report.partition_table = found.partition_table
-    report.reasons.extend(found.reasons)
-    if found.format and claimed and found.format != claimed:
-        report.reasons.append(
-            Reason("format_mismatch", f"claimed format {claimed} but the content is {found.format}")
-        )
-    if found.format:
-        report.virtual_size = found.virtual_size
-        report.virtual_size_mib = to_mib(found.virtual_size)
-        report.reasons.extend(_size_policy(found.virtual_size, max_virtual_size))
-    if report.reasons:
-        return report
-
-    assert found.format is not None
     fds = (src.fd,)
+    data_map = None
     try:
-        details = qemu.info(src.proc_path, found.format, fds)
-        report.checks.append("qemu_info")
-        report.reasons.extend(_info_reasons(details, found.format, found.virtual_size, src))
-        report.qcow2 = _qcow2_details(details)
-        if not report.reasons and found.format == "qcow2":
-            report.checks.append("qemu_check")
-            _check_qcow2(src, report)
-        if not report.reasons:
-            _measure_disk_size(src, found.format, report)
+        details = qemu.info(src.proc_path, header.format, fds)
+        found.checks.append("qemu_info")
+        found.add(_info_reasons(details, header.format, header.virtual_size, src))
+        qcow2 = _qcow2_details(details)
+        if not found.reasons and qcow2 is not None:
+            found.checks.append("qemu_check")
+            qcow2 = _check_qcow2(src, qcow2, found)
+        found.fields["qcow2"] = qcow2
+        if not found.reasons:
+            data_map = _measure_disk_size(src, header.format, found)
+    except ImageRejected as exc:  # e.g. qemu-img map is too long to be honest
+        found.add(exc.reasons)
     except qemu.QemuLimitHit as exc:
-        report.reasons.append(Reason("resource_limit", exc.message))
+        found.add([Reason("resource_limit", exc.message)])
     except qemu.QemuFailed as exc:
-        report.reasons.append(Reason("corrupt", exc.message))
-    report.safe = not report.reasons
-    return report
+        found.add([Reason("corrupt", exc.message)])
+    return found.report(), data_map
 
 
 def _size_policy(virtual_size: int, maximum: int) -> list[Reason]:
@@ -204,54 +245,72 @@ def _info_reasons(details: dict[str, Any], fmt: str, header_size: int, src: Sour
     return reasons
 
 
-def _qcow2_details(details: dict[str, Any]) -> dict[str, Any] | None:
+def _qcow2_details(details: dict[str, Any]) -> Qcow2Facts | None:
     if details.get("format") != "qcow2":
         return None
     specific = details.get("format-specific")
     data = specific.get("data", {}) if isinstance(specific, dict) else {}
-    return {
-        "compat": data.get("compat"),
+    data = data if isinstance(data, dict) else {}
+    cluster_size = details.get("cluster-size")
+    return Qcow2Facts(
+        compat=str(data["compat"]) if "compat" in data else None,
         # qemu before 5.1 has no compression-type: zlib was the only one
-        "compression_type": data.get("compression-type", "zlib"),
-        "cluster_size": details.get("cluster-size"),
-        "lazy_refcounts": data.get("lazy-refcounts"),
-        "extended_l2": data.get("extended-l2", False),
-    }
+        compression_type=str(data.get("compression-type", "zlib")),
+        cluster_size=cluster_size if isinstance(cluster_size, int) else None,
+        lazy_refcounts=bool(data["lazy-refcounts"]) if "lazy-refcounts" in data else None,
+        extended_l2=bool(data.get("extended-l2", False)),
+    )
 
 
-def _check_qcow2(src: Source, report: Report) -> None:
+def _count(result: dict[str, Any], key: str) -> int:
+    value = result.get(key, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _check_qcow2(src: Source, qcow2: Qcow2Facts, found: _Findings) -> Qcow2Facts:
+    """`qemu-img check`: corruption rejects, leaks warn; its counts tell preflight about compression."""
     code, result = qemu.check(src.proc_path, "qcow2", (src.fd,))
-    if report.qcow2 is not None:  # preflight asks whether the image is compressed
-        report.qcow2["compressed_clusters"] = int(result.get("compressed-clusters", 0) or 0)
-        report.qcow2["allocated_clusters"] = int(result.get("allocated-clusters", 0) or 0)
-    if code == 2 or result.get("corruptions"):
-        report.reasons.append(
-            Reason("corrupt", f"qemu-img check found {result.get('corruptions', 'some')} corruption(s)")
+    if code == 2 or _count(result, "corruptions"):
+        found.add(
+            [Reason("corrupt", f"qemu-img check found {result.get('corruptions', 'some')} corruption(s)")]
         )
     elif code == 1:
-        report.reasons.append(
-            Reason("corrupt", f"qemu-img check could not complete: {result.get('error') or 'internal error'}")
+        found.add(
+            [
+                Reason(
+                    "corrupt", f"qemu-img check could not complete: {result.get('error') or 'internal error'}"
+                )
+            ]
         )
     elif code == 3:
-        report.warnings.append(
+        found.warnings.append(
             Reason(
                 "leaked_clusters", f"{result.get('leaks', 'some')} leaked cluster(s): harmless wasted space"
             )
         )
+    return replace(
+        qcow2,
+        compressed_clusters=_count(result, "compressed-clusters"),
+        allocated_clusters=_count(result, "allocated-clusters"),
+    )
 
 
-def _measure_disk_size(src: Source, fmt: str, report: Report) -> None:
+def _measure_disk_size(src: Source, fmt: str, found: _Findings) -> list[Extent] | None:
     """Exact non-zero data for raw; for other formats, exact where their data can be read."""
-    report.checks.append("disk_size")
+    found.checks.append("disk_size")
+    data_map = None
     if fmt == "raw":
-        report.disk_size = count_nonzero_bytes(src.fd, src.size)
-        report.disk_size_exact = True
-        report.disk_size_method = "scan"
+        size, exact = count_nonzero_bytes(src.fd, src.size), True
     else:
-        report.data_map = qemu.map_extents(src.proc_path, fmt, (src.fd,))
-        report.disk_size, report.disk_size_exact = _disk_size_from_map(src, report.data_map)
-        report.disk_size_method = "scan" if report.disk_size_exact else "qemu-img map"
-    report.disk_size_mib = to_mib(report.disk_size)
+        data_map = qemu.map_extents(src.proc_path, fmt, (src.fd,))
+        size, exact = _disk_size_from_map(src, data_map)
+    found.fields.update(
+        disk_size=size,
+        disk_size_mib=to_mib(size),
+        disk_size_exact=exact,
+        disk_size_method="scan" if exact else "qemu-img map",
+    )
+    return data_map
 
 
 def _disk_size_from_map(src: Source, extents: list[Extent]) -> tuple[int, bool]:

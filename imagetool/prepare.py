@@ -1,41 +1,100 @@
 """`prepare`: the main job in one call — inspect, convert (with the 50 GB gate), verify, metadata.
 
-Writes DST (qcow2) and DST.json. The JSON exists from the moment work starts:
-`creating` (its disk_size growing with the output), then `available`, or
-`failed` with the reason — never missing, never half-written (each write is
-atomic). A failure leaves no qcow2 behind (convert removes its temp file).
+Writes DST (qcow2) and DST.json. Nothing is created until every option, path,
+the source and its inspection have passed, so a typo leaves no file behind.
+From the moment conversion starts DST.json exists: `creating` (its disk_size
+growing with the output, its owner's pid recorded), then `available`, or
+`failed` with the reason — never half-written (every write goes through
+output.py). A rerun may replace a `failed` document, or a `creating` one whose
+owner is gone (killed); any other existing document needs --force.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imagetool.atomic import write_json
-from imagetool.convert import DEFAULT_LIMIT, ConvertResult, convert, default_output
-from imagetool.errors import ImagetoolError, Interrupted, Reason, UsageProblem
+from imagetool import output
+from imagetool.convert import DEFAULT_LIMIT, ConvertResult, check_options, convert, default_output
+from imagetool.errors import ImagetoolError, Interrupted, Reason
 from imagetool.inspection import Report, inspect_source
 from imagetool.metadata import (
+    Fits,
+    ImageFacts,
+    MetadataDocument,
+    Owner,
     Registration,
-    check_writable,
+    Status,
     default_metadata_path,
     document,
     fits,
     image_facts,
+    parse_document,
     status,
+    write_document,
 )
+from imagetool.policy import MAX_METADATA_BYTES
 from imagetool.progress import Callback, Progress
-from imagetool.source import open_source
+from imagetool.sizes import to_mib
+from imagetool.source import open_source, read_small_file
 
 _STATUS_EVERY = 1.0  # seconds between `creating` updates of the JSON file
+
+
+def _started_at(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot: with the pid, names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _owner() -> Owner:
+    pid = os.getpid()
+    return {"pid": pid, "started": _started_at(pid) or 0}
+
+
+def _abandoned(doc: Any) -> bool:
+    """True for a document a rerun may replace: `failed`, or `creating` by a process that is gone."""
+    state = doc.get("status") if isinstance(doc, dict) else None
+    if not isinstance(state, dict):
+        return False
+    if state.get("state") == "failed":
+        return True
+    owner = state.get("owner")
+    if state.get("state") != "creating" or not isinstance(owner, dict):
+        return False
+    pid, started = owner.get("pid"), owner.get("started")
+    return not isinstance(pid, int) or pid <= 0 or _started_at(pid) != started
+
+
+def _may_replace(meta_path: Path) -> bool:
+    """Whether an existing DST.json is one of our own unfinished documents."""
+    try:
+        doc = parse_document(read_small_file(str(meta_path), MAX_METADATA_BYTES))
+    except (ImagetoolError, ValueError):
+        return False
+    return _abandoned(doc)
+
+
+def _record_failure(record: Callable[[Status], Any], written: bool, reason: Reason) -> None:
+    """Mark our own document `failed`; never let that write hide the error that got us here."""
+    if written:
+        with contextlib.suppress(ImagetoolError):
+            record(status("failed", reason=reason))
 
 
 def prepare(
     source: str,
     reg: Registration,
     *,
-    output: str | None = None,
+    output_path: str | None = None,
     server_disk: int | None = None,
     force: bool = False,
     compression: str = "zlib",
@@ -44,46 +103,44 @@ def prepare(
     verify: bool = True,
     claimed_format: str | None = None,
     progress: Callback | None = None,
-) -> tuple[Path, Path, dict[str, Any], ConvertResult]:
+) -> tuple[Path, Path, MetadataDocument, ConvertResult]:
     """Convert `source` and write its registration metadata; returns (qcow2, json, document, result)."""
-    target = Path(output) if output else default_output(source)
+    check_options(compression, coroutines, limit)
+    target = Path(output_path) if output_path else default_output(source)
     meta_path = default_metadata_path(str(target))
-    if (target.exists() or target.is_symlink()) and not force:
-        raise UsageProblem(
-            "output exists; pass --force to replace it", path=str(target), code="output_exists"
-        )
-    check_writable(meta_path, force)
+    source_key = output.key_of(source)
+    inputs = {source_key} if source_key else set()
+    meta_force = force or (meta_path.is_file() and not meta_path.is_symlink() and _may_replace(meta_path))
+    output.check_target(meta_path, force=meta_force, inputs=inputs)
 
-    image: dict[str, Any] = {"file": target.name}
+    image: ImageFacts = {"file": target.name}
     checks: list[str] = []
     last_write = [0.0]
+    written = [False]
 
-    def record(state: dict[str, Any], fit: dict[str, Any] | None = None) -> dict[str, Any]:
-        doc = document(reg, image, fit or {}, state, checks)
-        if not fit:
-            del doc["fits"]
-        write_json(meta_path, doc)
+    def record(state: Status, fit: Fits | None = None) -> MetadataDocument:
+        doc = document(reg, image, fit, state, checks)
+        write_document(meta_path, doc, force=meta_force or written[0], inputs=inputs)
+        written[0] = True
         return doc
 
     def started(report: Report) -> None:
         checks[:] = report.checks
-        image.update(
-            format="qcow2", virtual_size=report.virtual_size, virtual_size_mib=report.virtual_size_mib
-        )
-        record(status("creating", disk_size=0), fits(int(report.virtual_size or 0), server_disk))
+        virtual = report.virtual_size or 0
+        image.update({"format": "qcow2", "virtual_size": virtual, "virtual_size_mib": to_mib(virtual)})
+        record(status("creating", disk_size=0, owner=_owner()), fits(virtual, server_disk))
 
     def tick(p: Progress) -> None:
         now = time.monotonic()
         if now - last_write[0] >= _STATUS_EVERY:
             last_write[0] = now
             record(
-                status("creating", disk_size=p.output_bytes),
-                fits(int(image.get("virtual_size") or 0), server_disk),
+                status("creating", disk_size=p.output_bytes, owner=_owner()),
+                fits(image.get("virtual_size", 0), server_disk),
             )
         if progress:
             progress(p)
 
-    record(status("creating"))
     try:
         result = convert(
             source,
@@ -102,15 +159,13 @@ def prepare(
         exact = result.disk_size if source_report and source_report.disk_size_exact else None
         with open_source(str(target)) as out:
             out_report = result.output_report or inspect_source(out)  # --no-verify: inspect it now
-            facts = image_facts(out, out_report, disk_size=exact)
-        image.clear()
-        image.update(facts)
+            image = image_facts(out, out_report, disk_size=exact)  # record() writes this from now on
         checks.extend(["convert", "verify"] if verify else ["convert"])
-        doc = record(status("available"), fits(int(facts["virtual_size"] or 0), server_disk))
+        doc = record(status("available"), fits(image["virtual_size"], server_disk))
     except ImagetoolError as exc:
-        record(status("failed", reason=Reason(exc.code, exc.message)))
+        _record_failure(record, written[0], Reason(exc.code, exc.message))
         raise
     except (KeyboardInterrupt, Interrupted):
-        record(status("failed", reason=Reason("interrupted", "interrupted before it finished")))
+        _record_failure(record, written[0], Reason("interrupted", "interrupted before it finished"))
         raise
     return target, meta_path, doc, result

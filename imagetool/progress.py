@@ -7,6 +7,7 @@ tqdm bar on a terminal, JSON lines on stderr for orchestrators, or nothing. No
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -49,8 +50,9 @@ class JsonLines:
             "elapsed": round(p.elapsed, 2),
             "output_bytes": p.output_bytes,
         }
-        sys.stderr.write(json.dumps(line) + "\n")
-        sys.stderr.flush()
+        with contextlib.suppress(OSError, ValueError):  # a hung-up terminal must not fail the job
+            sys.stderr.write(json.dumps(line) + "\n")
+            sys.stderr.flush()
 
     def close(self) -> None:
         pass
@@ -64,23 +66,25 @@ class Bar:
         self.bar: Any = None
 
     def __call__(self, p: Progress) -> None:
-        if self.bar is None:
-            from tqdm import tqdm  # imported only when a bar is shown
+        with contextlib.suppress(OSError, ValueError):  # a hung-up terminal must not fail the job
+            if self.bar is None:
+                from tqdm import tqdm  # imported only when a bar is shown
 
-            self.bar = tqdm(
-                total=p.total,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=self.description,
-                file=sys.stderr,
-                dynamic_ncols=True,
-            )
-        self.bar.update(p.done - self.bar.n)
+                self.bar = tqdm(
+                    total=p.total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=self.description,
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                )
+            self.bar.update(p.done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            with contextlib.suppress(OSError, ValueError):
+                self.bar.close()
 
 
 class Silent:

@@ -6,6 +6,14 @@ reach qemu), no shell, stdin closed, `LC_ALL=C`, and resource limits (address
 space, CPU seconds, wall clock) so a hostile image cannot exhaust the machine.
 A call killed by a limit becomes `QemuLimitHit`, which callers report as the
 `resource_limit` rejection.
+
+Limits and the parent-death signal are applied by exec'ing util-linux's
+`setpriv --pdeathsig KILL` and `prlimit` in front of qemu-img (no `preexec_fn`,
+which is unsafe in a process with threads): if imagetool dies — SIGKILL, a
+closed terminal — qemu-img dies with it instead of writing on alone.
+What qemu-img prints is read here too: its progress, and which failure its
+stderr describes (a read error of the input is the image's fault; a write error
+is the disk's), with qemu's advice lines ("qemu-img check -r all …") left out.
 """
 
 from __future__ import annotations
@@ -14,17 +22,22 @@ import contextlib
 import functools
 import json
 import os
-import resource
+import re
 import shutil
 import signal
 import subprocess
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
-from imagetool.errors import EnvironmentProblem, ImagetoolError
+from imagetool.errors import EnvironmentProblem, ExitCode, ImageRejected, ImagetoolError, Reason
+from imagetool.policy import MAX_MAP_EXTENTS
 from imagetool.sizes import Extent
 
 QEMU_IMG = "qemu-img"
+# util-linux (Debian: essential): the wrapper that makes qemu-img die with us, and its limits.
+WRAPPERS = ("setpriv", "prlimit")
 
 GiB = 1 << 30
 
@@ -56,13 +69,14 @@ _OUT_OF_MEMORY = (
 
 
 class QemuLimitHit(ImagetoolError):
-    """qemu-img was killed by a resource limit or timed out."""
+    """qemu-img was killed by a resource limit or timed out: the image asked for too much."""
 
+    exit_code = ExitCode.REJECTED
     code = "resource_limit"
 
 
-class QemuFailed(ImagetoolError):
-    """qemu-img exited non-zero; `stderr` holds its last words."""
+class QemuFailed(EnvironmentProblem):
+    """qemu-img exited non-zero; `stderr` holds its last words. Callers say whose fault it was."""
 
     code = "qemu_failed"
 
@@ -72,24 +86,37 @@ class QemuFailed(ImagetoolError):
         self.stderr = stderr
 
 
-def binary() -> str:
-    path = shutil.which(QEMU_IMG)
+def _which(name: str, package: str) -> str:
+    path = shutil.which(name)
     if path is None:
         raise EnvironmentProblem(
-            "qemu-img is not installed (apt-get install -y qemu-utils)", code="missing_dependency"
+            f"{name} is not installed (apt-get install -y {package})", code="missing_dependency"
         )
     return path
 
 
-def _limiter(limits: Limits):  # type: ignore[no-untyped-def]
-    def apply() -> None:
-        if limits.address_space:
-            resource.setrlimit(resource.RLIMIT_AS, (limits.address_space, limits.address_space))
-        if limits.cpu_seconds:
-            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+def binary() -> str:
+    return _which(QEMU_IMG, "qemu-utils")
 
-    return apply
+
+def _command(args: list[str], limits: Limits) -> list[str]:
+    """qemu-img behind setpriv (dies with us) and prlimit (bounded), exec'd, never forked twice."""
+    bounds = ["--core=0"]
+    if limits.address_space:
+        bounds.append(f"--as={limits.address_space}")
+    if limits.cpu_seconds:
+        bounds.append(f"--cpu={limits.cpu_seconds}")
+    return [
+        _which("setpriv", "util-linux"),
+        "--pdeathsig",
+        "KILL",
+        "--",
+        _which("prlimit", "util-linux"),
+        *bounds,
+        "--",
+        binary(),
+        *args,
+    ]
 
 
 def environment() -> dict[str, str]:
@@ -99,19 +126,27 @@ def environment() -> dict[str, str]:
     return env
 
 
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+# qemu's advice, printed after the cause: never the reason itself.
+_ADVICE = re.compile(r"^(qemu-img check -r|You can force-remove|Try '|Use '|Note:)", re.IGNORECASE)
+_OPEN_PREFIX = re.compile(r"^Could not open '[^']*': ")
+
+
+def cause(stderr: str) -> str:
+    """The line of qemu-img's stderr that says what went wrong, without its advice or our fd path."""
+    for raw in stderr.splitlines():
+        line = raw.strip().removeprefix("qemu-img:").strip()
+        if line and not _ADVICE.match(line):
+            return _OPEN_PREFIX.sub("", line)
+    return ""
 
 
 def popen(args: list[str], fds: tuple[int, ...], limits: Limits, **kwargs: Any) -> subprocess.Popen[bytes]:
     """Start qemu-img in its own process group (so it can be stopped whole)."""
     return subprocess.Popen(
-        [binary(), *args],
+        _command(args, limits),
         stdin=subprocess.DEVNULL,
         pass_fds=fds,
         env=environment(),
-        preexec_fn=_limiter(limits),
         start_new_session=True,
         **kwargs,
     )
@@ -134,7 +169,7 @@ def run(
         stop(proc)
         raise
     stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
-    if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU) or (
+    if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU, 128 + signal.SIGKILL) or (
         proc.returncode != 0 and any(sign in stderr for sign in _OUT_OF_MEMORY)
     ):
         raise QemuLimitHit(
@@ -143,7 +178,7 @@ def run(
         )
     if proc.returncode not in ok_codes:
         raise QemuFailed(
-            f"qemu-img {args[0]} failed: {_last_line(stderr) or 'no message'}", proc.returncode, stderr
+            f"qemu-img {args[0]} failed: {cause(stderr) or 'no message'}", proc.returncode, stderr
         )
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
@@ -192,22 +227,140 @@ def check(path: str, fmt: str, fds: tuple[int, ...]) -> tuple[int, dict[str, Any
     except json.JSONDecodeError:
         report = {}
     if proc.returncode == 1 and not report:
-        report = {"error": _last_line(proc.stderr)}
+        report = {"error": cause(proc.stderr)}
     return proc.returncode, report if isinstance(report, dict) else {}
 
 
-def map_extents(path: str, fmt: str, fds: tuple[int, ...]) -> list[Extent]:
-    """`qemu-img map`: the guest ranges that hold data, and where (None when compressed)."""
-    out = run(["map", "-f", fmt, "--output=json", "--force-share", path], fds, CHECK_LIMITS).stdout
-    data = _json(out, "map")
-    extents = []
-    for entry in data if isinstance(data, list) else []:
-        if not isinstance(entry, dict) or not entry.get("data") or entry.get("zero"):
-            continue
-        start, length, host = entry.get("start"), entry.get("length"), entry.get("offset")
-        if isinstance(start, int) and isinstance(length, int):
-            extents.append(Extent(start, length, host if isinstance(host, int) else None))
-    return extents
+class TooFragmented(ImageRejected):
+    """`qemu-img map` lists more ranges than any honest image has."""
+
+    def __init__(self, count: int) -> None:
+        message = (
+            f"qemu-img map lists more than {count} ranges: too fragmented to inspect in bounded time "
+            "(a crafted image, or one to defragment with qemu-img convert first)"
+        )
+        super().__init__(message, [Reason("too_fragmented", message)])
+
+
+def _map_entries(stream: IO[bytes], max_lines: int) -> Iterator[tuple[int, int, int]]:
+    """(start, length, host) of each data range `qemu-img map --output=json` prints, as it arrives.
+
+    host is -1 where the data cannot be read in place (compressed). Zero and unallocated ranges
+    count as lines but are not yielded. Past `max_lines` lines: TooFragmented. A line that is not
+    a map entry: QemuFailed.
+
+    Cheap at a million lines: qemu-img prints one object per line in a fixed layout, so a chunk
+    of lines is checked and split by one strict regex in C (`^…$` per line, and as many matches
+    as lines), and Python only converts the numbers of data lines. A chunk in any other layout
+    (another qemu's key order or spacing) is parsed line by line as JSON instead, and each
+    object checked.
+    """
+    # [ , ] frame the array, one object per line; qemu 6.0 added "present", 8.2 "compressed".
+    line_re = re.compile(
+        rb'^\[?\{ "start": (\d{1,18}), "length": (\d{1,18}), "depth": \d{1,9},'
+        rb'(?: "present": (?:true|false),)? "zero": (true|false), "data": (true|false)'
+        rb'(?:, "compressed": (true|false))?'
+        rb'(?:, "offset": (\d{1,18}))?\}[,\]]?\r?$',
+        re.MULTILINE,
+    )
+    longest = 1 << 16  # bytes: no map entry is longer
+
+    def count(value: object) -> bytes | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
+        return str(value).encode() if ok else None
+
+    def from_json(line: bytes) -> tuple[bytes, ...]:
+        """One line in another layout, checked and spelt as the regex's groups."""
+        try:
+            entry = json.loads(line.strip().lstrip(b"[").rstrip(b",]"))
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
+            entry = None
+        fields = entry if isinstance(entry, dict) else {}
+        start, length = count(fields.get("start")), count(fields.get("length"))
+        if start is None or length is None:
+            shown = line[:200].decode(errors="replace")
+            raise QemuFailed("qemu-img map printed a line that is not a map entry", 0, shown)
+        flags = [b"true" if fields.get(key) is True else b"false" for key in ("zero", "data", "compressed")]
+        return start, length, *flags, count(fields.get("offset")) or b""
+
+    lines = 0
+    pending = b""
+    while True:
+        chunk = stream.read(1 << 16)
+        text = pending + chunk
+        cut = len(text) if not chunk else text.rfind(b"\n") + 1
+        text, pending = text[:cut], text[cut:]
+        if len(pending) > longest:
+            raise QemuFailed("qemu-img map printed a line too long to be a map entry", 0, "")
+        if text:
+            found = line_re.findall(text)
+            lines += len(found)
+            if len(found) != text.count(b"\n") + (not text.endswith(b"\n")):
+                rows = [row for row in text.splitlines() if row.strip()]
+                lines += len(rows) - len(found)
+                found = [from_json(row) for row in rows]
+            if lines > max_lines:
+                raise TooFragmented(max_lines)
+            for start, length, zero, data, compressed, offset in found:
+                if data == b"true" and zero == b"false":
+                    host = int(offset) if offset and compressed != b"true" else -1
+                    yield int(start), int(length), host
+        if not chunk:
+            return
+
+
+def map_extents(
+    path: str, fmt: str, fds: tuple[int, ...], max_extents: int = MAX_MAP_EXTENTS
+) -> list[Extent]:
+    """`qemu-img map`: the guest ranges that hold data, and where (None when compressed).
+
+    Streamed and bounded: past `max_extents` lines qemu-img is stopped and the image refused
+    (TooFragmented), so a tiny crafted qcow2 whose map has millions of lines costs seconds.
+    Ranges are kept as three int64 arrays (24 bytes each) while qemu-img prints, and become
+    Extents only once the whole map is known to be within bounds.
+    """
+    from array import array
+
+    args = ["map", "-f", fmt, "--output=json", "--force-share", path]
+    proc = popen(args, fds, CHECK_LIMITS, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    errors: list[bytes] = []
+    drain = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    drain.start()
+    expired = threading.Event()
+
+    def expire() -> None:  # the wall clock also bounds the reading, not only the wait
+        expired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    timer = threading.Timer(CHECK_LIMITS.wall_seconds, expire)
+    timer.daemon = True
+    timer.start()
+    starts, lengths, hosts = array("q"), array("q"), array("q")
+    try:
+        assert proc.stdout is not None
+        for start, length, host in _map_entries(proc.stdout, max_extents):
+            if length > 0:
+                starts.append(start)
+                lengths.append(length)
+                hosts.append(host)
+        proc.wait()
+    finally:
+        timer.cancel()
+        stop(proc)
+        drain.join(timeout=5)
+    if expired.is_set():
+        raise QemuLimitHit(f"qemu-img map took longer than {CHECK_LIMITS.wall_seconds:g} s and was stopped")
+    stderr = b"".join(errors).decode(errors="replace")
+    if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU):
+        raise QemuLimitHit("qemu-img map was stopped by a resource limit")
+    if proc.returncode != 0:
+        raise QemuFailed(f"qemu-img map failed: {cause(stderr) or 'no message'}", proc.returncode, stderr)
+    sizes: dict[int, int] = {}  # lengths repeat (whole clusters): one int object each
+    return [
+        Extent(start, sizes.setdefault(length, length), host if host >= 0 else None)
+        for start, length, host in zip(starts, lengths, hosts, strict=True)
+    ]
 
 
 def create(path: str, fmt: str, size: int, options: dict[str, str], fds: tuple[int, ...]) -> None:
@@ -216,37 +369,95 @@ def create(path: str, fmt: str, size: int, options: dict[str, str], fds: tuple[i
     run(["create", "-q", "-f", fmt, "-o", opts, path, str(size)], fds)
 
 
-def start_convert(
-    src: str, src_fmt: str, dst: str, *, compress: bool, coroutines: int, fds: tuple[int, ...]
-) -> subprocess.Popen[bytes]:
-    """Start `qemu-img convert` into an already created qcow2, reporting progress on stdout.
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+_LOCKED = re.compile(r'Failed to get (?:shared )?"\w+" lock')
+_READ_ERROR = re.compile(r"error while reading|Could not read|could not read", re.IGNORECASE)
+
+
+class ConvertJob:
+    """A running `qemu-img convert` into an already created qcow2: its progress, and why it failed.
 
     `-W` lets compression run on every core (writes land out of order; qcow2
     compressed writes are serialised safely by qemu); `-S 4k` leaves zero blocks
     unallocated; `--target-is-zero` skips writing zeros into the fresh image.
     """
-    args = [
-        "convert",
-        "-p",
-        "-n",
-        "--target-is-zero",
-        "-W",
-        "-m",
-        str(coroutines),
-        "-S",
-        "4k",
-        "-f",
-        src_fmt,
-        "-O",
-        "qcow2",
-    ]
-    if compress:
-        args.append("-c")
-    return popen([*args, src, dst], fds, BULK_LIMITS, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def __init__(
+        self, src: str, src_fmt: str, dst: str, *, compress: bool, coroutines: int, fds: tuple[int, ...]
+    ) -> None:
+        args = ["convert", "-p", "-n", "--target-is-zero", "-W", "-m", str(coroutines), "-S", "4k"]
+        args += ["-f", src_fmt, "-O", "qcow2", *(["-c"] if compress else []), src, dst]
+        self.percent = 0.0
+        self._stderr: list[bytes] = []
+        self.proc = popen(args, fds, BULK_LIMITS, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._readers = [
+            threading.Thread(target=self._read_progress, daemon=True),
+            threading.Thread(target=lambda: self._stderr.append(self.proc.stderr.read()), daemon=True),  # type: ignore[union-attr]
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_progress(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        for chunk in iter(lambda: stdout.read1(4096), b""):  # type: ignore[attr-defined]
+            found = _PERCENT.findall(chunk)
+            if found:
+                self.percent = float(found[-1])
+
+    def running(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds; True while qemu-img still runs."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=timeout)
+        return self.proc.returncode is None
+
+    def close(self) -> None:
+        stop(self.proc)
+        for reader in self._readers:
+            reader.join(timeout=5)
+
+    def failure(self, input_path: str, output_path: str) -> ImagetoolError | None:
+        """None when qemu-img succeeded; else the error its exit and stderr describe."""
+        stderr = b"".join(self._stderr).decode(errors="replace")
+        return convert_failure(self.proc.returncode, stderr, input_path, output_path)
+
+    def __enter__(self) -> ConvertJob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def convert_failure(
+    code: int | None, stderr: str, input_path: str, output_path: str
+) -> ImagetoolError | None:
+    """Whose fault a failed `qemu-img convert` was, from its exit status and stderr."""
+    if code == 0:
+        return None
+    text = cause(stderr) or f"exit status {code}"
+    if code in (-signal.SIGKILL, -signal.SIGXCPU) or any(s in stderr for s in _OUT_OF_MEMORY):
+        return QemuLimitHit(f"qemu-img convert was stopped by a resource limit ({text})")
+    if "No space left" in stderr or "Disk quota" in stderr:
+        return EnvironmentProblem(f"disk full while writing ({text})", path=output_path, code="disk_full")
+    if "File too large" in stderr or code == -signal.SIGXFSZ:
+        return EnvironmentProblem(
+            f"the file size limit was reached (ulimit -f?) ({text})", path=output_path, code="file_too_big"
+        )
+    if _LOCKED.search(stderr):  # not a bare "lock": "block" appears in ordinary I/O errors
+        return EnvironmentProblem(f"the input is in use by another process ({text})", code="locked")
+    if _READ_ERROR.search(stderr):  # the input's data cannot be read: the image's fault
+        message = f"the image's data cannot be read ({text}): corrupt"
+        return ImageRejected(message, [Reason("corrupt", message)], path=input_path)
+    return EnvironmentProblem(f"qemu-img convert failed: {text}", path=output_path, code="convert_failed")
 
 
 def compare(path_a: str, fmt_a: str, path_b: str, fmt_b: str, fds: tuple[int, ...]) -> bool:
-    """`qemu-img compare` in strict mode: True when the guest contents are identical."""
+    """`qemu-img compare`: True when the guest contents are identical, False when they differ.
+
+    Not `-s`: a raw hole and a qcow2 unallocated cluster are both zeros, and strict
+    mode would call that a difference. The callers require equal virtual sizes.
+    Any other outcome (a read error: exit 2-4) raises QemuFailed.
+    """
     proc = run(
         ["compare", "-f", fmt_a, "-F", fmt_b, "--force-share", path_a, path_b],
         fds,

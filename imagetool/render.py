@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,14 +22,41 @@ ERROR_SCHEMA = "imagetool.error/1"
 
 
 _emitted = False
+# What must never reach a terminal raw: C0/C1 controls (ESC sequences), DEL, bidi
+# overrides and isolates, and the stand-ins for undecodable bytes of a file name.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
-def emit_json(document: dict[str, Any]) -> None:
-    """Write the one JSON object this run prints."""
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a raw byte of a non-UTF-8 name (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def clean(text: str) -> str:
+    """`text` with every control, bidi or undecodable character shown as an escape."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def _write(stream: Any, text: str) -> None:
+    """Write and flush; a closed or broken stream (a hung-up terminal) is not a failure of the job."""
+    with contextlib.suppress(OSError, ValueError):
+        stream.write(text)
+        stream.flush()
+
+
+def say(text: str) -> None:
+    """Human output on stdout (already built from clean() fields)."""
+    _write(sys.stdout, text + "\n")
+
+
+def emit_json(document: Mapping[str, Any]) -> None:
+    """Write the one JSON object this run prints (ASCII: names are escaped, never raw)."""
     global _emitted
     _emitted = True
-    sys.stdout.write(json.dumps(document, indent=2) + "\n")
-    sys.stdout.flush()
+    _write(sys.stdout, json.dumps(document, indent=2) + "\n")
 
 
 def json_emitted() -> bool:
@@ -34,15 +64,15 @@ def json_emitted() -> bool:
 
 
 def error_line(message: str) -> None:
-    sys.stderr.write(f"imagetool: error: {message}\n")
+    _write(sys.stderr, f"imagetool: error: {clean(message)}\n")
 
 
 def note_line(message: str) -> None:
-    sys.stderr.write(f"imagetool: note: {message}\n")
+    _write(sys.stderr, f"imagetool: note: {clean(message)}\n")
 
 
 def warning_line(path: str, warning: Reason) -> None:
-    sys.stderr.write(f"imagetool: warning: {path}: {warning.message} [{warning.code}]\n")
+    _write(sys.stderr, f"imagetool: warning: {clean(f'{path}: {warning.message} [{warning.code}]')}\n")
 
 
 def rejection_line(report: Report) -> None:
@@ -72,7 +102,7 @@ def _size(value: int | None, mib: int | None = None) -> str:
 
 def inspect_text(report: Report) -> str:
     verdict = "safe" if report.safe else "REJECTED"
-    lines = [f"{report.path}: {verdict}"]
+    lines = [f"{clean(report.path)}: {verdict}"]
     fmt = report.format or "-"
     if report.partition_table:
         fmt += f" ({report.partition_table.upper()} partition table)"
@@ -92,15 +122,14 @@ def inspect_text(report: Report) -> str:
         rows.append(
             (
                 "qcow2",
-                f"compat {q.get('compat')}, {q.get('compression_type')} "
-                f"compression, {q.get('cluster_size')}-byte clusters",
+                f"compat {q.compat}, {q.compression_type} compression, {q.cluster_size}-byte clusters",
             )
         )
     if report.magic and report.format in (None, "raw"):  # libmagic misdescribes qcow2 ("AES")
         rows.append(("libmagic", report.magic))
     lines += [f"  {name:<15}{value}" for name, value in rows]
-    lines += [f"  reason: {r.code}: {r.message}" for r in report.reasons]
-    lines += [f"  warning: {w.code}: {w.message}" for w in report.warnings]
+    lines += [f"  reason: {r.code}: {clean(r.message)}" for r in report.reasons]
+    lines += [f"  warning: {w.code}: {clean(w.message)}" for w in report.warnings]
     return "\n".join(lines)
 
 
@@ -124,11 +153,11 @@ def convert_text(result: ConvertResult) -> str:
             else ("may not fit" if est and est.low <= result.limit else "unknown")
         )
         return (
-            f"{result.source}: predicted {result.compression} qcow2 size {predicted}\n"
+            f"{clean(result.source)}: predicted {result.compression} qcow2 size {predicted}\n"
             f"  limit {human(result.limit)}: {verdict}"
         )
     lines = [
-        f"{result.source} -> {result.output}: {human(result.output_size)} "
+        f"{clean(result.source)} -> {clean(result.output)}: {human(result.output_size)} "
         f"({result.compression}, {result.cluster_size // 1024} KiB clusters"
         f"{', verified' if result.verified else ', not verified'})",
         f"  virtual_size   {_size(result.virtual_size)}",
@@ -140,13 +169,13 @@ def convert_text(result: ConvertResult) -> str:
     return "\n".join(lines)
 
 
-def metadata_text(path: Path, doc: dict[str, Any]) -> str:
+def metadata_text(path: Path, doc: Mapping[str, Any]) -> str:
     image, reg = doc["image"], doc["registration"]
     mode = "compatibility" if reg["compatibility_mode"] else "virtio"
     access = "public" if reg["public"] else "private"
     lines = [
-        f"metadata: {path} (status {doc['status']['state']})",
-        f"  {reg['name']}: {reg['arch']}, {mode}, {access}, user {reg.get('username') or '-'}",
+        f"metadata: {clean(str(path))} (status {doc['status']['state']})",
+        f"  {clean(reg['name'])}: {reg['arch']}, {mode}, {access}, user {reg.get('username') or '-'}",
         f"  virtual_size {image['virtual_size_mib']} MiB, disk_size {image['disk_size_mib']} MiB"
         f"{'' if image['disk_size_exact'] else ' (estimate)'}, file {image['file_size']} bytes",
         f"  sha256 {image['sha256']}",
@@ -158,7 +187,7 @@ def metadata_text(path: Path, doc: dict[str, Any]) -> str:
         lines.append(
             f"  {verdict} a {fit['server_disk_mib']} MiB server disk (needs {fit['min_disk_mib']} MiB)"
         )
-    lines += ["next, upload it and register it:", f"  {doc['register_command']}"]
+    lines += ["next, upload it and register it:", f"  {clean(doc['register_command'])}"]
     return "\n".join(lines)
 
 
@@ -168,6 +197,6 @@ def preflight_text(result: PreflightResult) -> str:
         counts[check.status] = counts.get(check.status, 0) + 1
     summary = ", ".join(f"{n} {status}" for status, n in counts.items())
     verdict = "PASS" if not result.failing() else "FAIL"
-    lines = [f"preflight {result.image}: {verdict} ({summary})"]
-    lines += [f"  {c.status:<5} {c.name:<22} {c.message}" for c in result.checks]
+    lines = [f"preflight {clean(result.image)}: {verdict} ({summary})"]
+    lines += [f"  {c.status:<5} {c.name:<22} {clean(c.message)}" for c in result.checks]
     return "\n".join(lines)

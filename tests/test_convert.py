@@ -14,6 +14,7 @@ import pytest
 from conftest import SAMPLE, make_qcow2, qemu_img, slow_input, sparse_raw, start_imagetool
 
 from imagetool import convert as convert_mod
+from imagetool import qemu
 from imagetool.sizes import GiB, MiB, parse_size
 
 pytestmark = pytest.mark.timeout(60)
@@ -174,7 +175,12 @@ def test_estimate_only_warns_when_the_bound_straddles_the_limit(cli, tmp_path):
     result = cli("convert", src, "--estimate-only", "--json")
     assert result.code == 0
     est = result.json["estimate"]
-    assert est["low"] <= est["bytes"] <= est["high"]
+    assert est["method"] != "ceiling" and est["low"] < est["bytes"] < est["high"]
+    between = str((est["low"] + est["high"]) // 2)
+    straddling = cli("convert", src, "--estimate-only", "--json", "--max-compressed-size", between)
+    assert straddling.code == 0
+    assert [w["code"] for w in straddling.json["warnings"]] == ["may_exceed_limit"]
+    assert "may_exceed_limit" in straddling.err
     assert not (tmp_path / "r.qcow2").exists()
 
 
@@ -279,7 +285,7 @@ def test_free_space_checked_up_front(cli, tmp_path, monkeypatch):
     class Tiny:
         def __init__(self, path):
             st = real(path)
-            self.f_frsize, self.f_bavail = st.f_frsize, 1
+            self.f_frsize, self.f_bavail, self.f_flag = st.f_frsize, 1, st.f_flag
 
     monkeypatch.setattr(convert_mod.os, "statvfs", Tiny)
     out = tmp_path / "out.qcow2"
@@ -299,9 +305,11 @@ def test_progress_json_lines_are_monotonic(cli, tmp_path, mixed):
     assert "\r" not in result.err
 
 
-def test_progress_none_and_auto_off_terminal_are_silent(cli, tmp_path):
-    result = cli("convert", SAMPLE, "-o", tmp_path / "o.qcow2", "--progress", "auto")
+@pytest.mark.parametrize("mode", ["auto", "none"])
+def test_progress_none_and_auto_off_terminal_are_silent(cli, tmp_path, mode):
+    result = cli("convert", SAMPLE, "-o", tmp_path / "o.qcow2", "--progress", mode)
     assert result.code == 0 and result.err == ""
+    assert (tmp_path / "o.qcow2").exists()
 
 
 @pytest.mark.parametrize(
@@ -319,7 +327,8 @@ def test_bad_options_are_usage_errors(cli, tmp_path, args, words):
     assert leftovers(tmp_path) == [] and not (tmp_path / "o.qcow2").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupt_mid_run_removes_partial_output(tmp_path, sig):
     out = tmp_path / "out.qcow2"
     proc = start_imagetool(
@@ -336,7 +345,7 @@ def test_interrupt_mid_run_removes_partial_output(tmp_path, sig):
     assert qemu_children, "qemu-img should be running"
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 128 + sig, stderr
     assert json.loads(stdout)["error"]["code"] == "interrupted"
     assert not out.exists() and leftovers(tmp_path) == []
     assert "Traceback" not in stderr
@@ -345,11 +354,17 @@ def test_interrupt_mid_run_removes_partial_output(tmp_path, sig):
 
 
 def test_qemu_errors_are_classified_by_their_real_message(tmp_path):
-    out = tmp_path / "o.qcow2"
-    locked = convert_mod._qemu_error(
-        'qemu-img: Failed to get "write" lock\nIs another process using it?', out
-    )
-    io_error = convert_mod._qemu_error("qemu-img: error while writing at block 7: Input/output error", out)
-    shared = convert_mod._qemu_error('qemu-img: Failed to get shared "write" lock', out)
-    assert locked.code == shared.code == "locked"
-    assert io_error.code == "convert_failed" and "Input/output error" in io_error.message
+    def failure(stderr: str, code: int = 1):
+        return qemu.convert_failure(code, stderr, "in.raw", str(tmp_path / "o.qcow2"))
+
+    locked = failure('qemu-img: Failed to get "write" lock\nIs another process using it?')
+    write_error = failure("qemu-img: error while writing at byte 7: Input/output error")
+    read_error = failure("qemu-img: error while reading at byte 262144: Input/output error")
+    shared = failure('qemu-img: Failed to get shared "write" lock')
+    assert locked.code == shared.code == "locked" and locked.exit_code == 5
+    assert write_error.code == "convert_failed" and "Input/output error" in write_error.message
+    assert write_error.exit_code == 5
+    assert read_error.code == "corrupt" and read_error.exit_code == 3  # the input's fault
+    assert failure("qemu-img: error while writing at byte 0: File too large").code == "file_too_big"
+    assert failure("", -signal.SIGKILL).code == "resource_limit"
+    assert failure("", 0) is None

@@ -11,7 +11,7 @@ from conftest import SAMPLE, make_qcow2, qemu_img, sparse_raw
 MiB = 1 << 20
 
 
-def test_sample_reports_four_different_sizes(cli, tmp_path):
+def test_sample_reports_virtual_allocated_and_data_sizes_apart(cli, tmp_path):
     from fixtures_helper import fresh_sample
 
     sample = fresh_sample(tmp_path)
@@ -24,7 +24,7 @@ def test_sample_reports_four_different_sizes(cli, tmp_path):
     assert doc["virtual_size"] == 64 * MiB and doc["virtual_size_mib"] == 64
     assert doc["file_size"] == 64 * MiB
     assert doc["disk_size_exact"] is True
-    # written zeros are allocated but not data; the tail is a hole: all four differ
+    # written zeros are allocated but not data; the tail is a hole: the three differ
     sizes = {doc["virtual_size"], doc["allocated_size"], doc["disk_size"]}
     assert len(sizes) == 3
     assert 0 < doc["disk_size"] < doc["allocated_size"] < doc["virtual_size"]
