@@ -1,10 +1,15 @@
 """Registration metadata: what the image library's `POST /1.0/images` takes, and what we measured.
 
 The document keeps the two apart. `registration` is exactly the API's request
-body (field names, types and units from shared/reference/registration-api.md):
-nothing in it the API would refuse, unset optional keys left out. `image` holds
-our measurements, unit-labelled: sizes in bytes and in whole MiB (the library's
+body (field names, types and units in docs/registration-api.md): nothing in it
+the API would refuse, unset optional keys left out. `image` holds our
+measurements, unit-labelled: sizes in bytes and in whole MiB (the library's
 unit, rounded up), sha256, and md5 (what the object store's ETag will show).
+
+`schemas/metadata.schema.json` is the one description of the document's field
+names and types: `registration()` checks what a user typed against it, and
+preflight checks a document it reads against it. The rules a schema cannot
+say (arch spellings, what an upload needs beyond a valid draft) live here once.
 
 Local `status.state` mirrors the library's lifecycle: `creating` while prepare
 works (its `disk_size` grows, as the library's does), then `available` (ready to
@@ -14,28 +19,37 @@ register; the library itself starts the registered image at `creating`) or
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import os
 import re
 import shlex
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
+from typing import Any, Literal, NoReturn, Required, TypedDict, cast
+
+from jsonschema import Draft202012Validator, ValidationError
 
 from imagetool import __version__, qemu
-from imagetool.atomic import write_json
 from imagetool.errors import ImageRejected, Reason, UsageProblem
 from imagetool.inspection import DEFAULT_MAX_VIRTUAL_SIZE, Report, inspect_source
+from imagetool.output import FileKey, check_target, write_file
+from imagetool.policy import MAX_JSON_DEPTH
 from imagetool.sizes import to_mib
 from imagetool.source import Source, open_source
 
 SCHEMA = "imagetool.metadata/1"
-ARCHES = ("x86_64", "i686")
-MODES = ("virtio", "compatibility")
+State = Literal["creating", "available", "failed"]
+MODES = ("virtio", "compatibility")  # the CLI's --mode; the body has the bool compatibility_mode
+READY: State = "available"  # the local state a document must have to be uploaded
+URL_PLACEHOLDER = (
+    "https://orbit.brightbox.com/v1/ACCOUNT/CONTAINER/OBJECT?temp_url_sig=SIG&temp_url_expires=EXPIRES"
+)
 _ARCH_ALIASES = {
     "amd64": "x86_64",
     "x64": "x86_64",
@@ -46,64 +60,280 @@ _ARCH_ALIASES = {
     "x86": "i686",
     "ia32": "i686",
 }
-_USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
-URL_PLACEHOLDER = (
-    "https://orbit.brightbox.com/v1/ACCOUNT/CONTAINER/OBJECT?temp_url_sig=SIG&temp_url_expires=EXPIRES"
-)
+# How registration() names a problem with a body field: (option, error code, what the schema wants).
+_OPTIONS: dict[str, tuple[str, str, str]] = {
+    "name": ("--name", "bad_name", "must be non-empty text"),
+    "description": ("--description", "bad_description", "must be text"),
+    "username": (
+        "--username",
+        "bad_username",
+        "is not a valid login name "
+        "(lower-case letters, digits, _ and -, starting with a letter or _, at most 32)",
+    ),
+    "arch": ("--arch", "bad_arch", "is not x86_64 or i686"),
+    "compatibility_mode": ("--mode", "bad_mode", "is not virtio or compatibility"),
+    "public": ("--public/--private", "bad_public", "must be true or false"),
+    "min_ram": ("--min-ram", "bad_min_ram", "must be a positive number of MB"),
+    "http_url": ("--url", "bad_url", "is not an http(s) URL (printable ASCII, a host after the scheme)"),
+}
 _CHUNK = 8 << 20
+_MESSAGE_MAX = 200  # characters of one schema error: a 1 MiB string must not become a 1 MiB message
 
 
-@dataclass
+class RegistrationBody(TypedDict, total=False):
+    """The body of `POST /1.0/images`, in the order the document writes it."""
+
+    name: Required[str]
+    description: str
+    username: str
+    arch: Required[str]
+    compatibility_mode: Required[bool]
+    public: Required[bool]
+    min_ram: int
+    http_url: str
+
+
+class ImageFacts(TypedDict, total=False):
+    """What we measured; a `creating` document has only some of it."""
+
+    file: Required[str]
+    format: str
+    qcow2_compat: str | None
+    compression_type: str | None
+    virtual_size: int
+    virtual_size_mib: int
+    disk_size: int
+    disk_size_mib: int
+    disk_size_exact: bool
+    file_size: int
+    sha256: str
+    md5: str
+    official: bool
+
+
+class Fits(TypedDict, total=False):
+    min_disk_mib: Required[int]
+    server_disk_mib: int
+    fits_server_disk: bool
+
+
+class ReasonBody(TypedDict):
+    code: str
+    message: str
+
+
+class Owner(TypedDict):
+    """The process writing a `creating` document (a rerun may replace it once that one is gone)."""
+
+    pid: int
+    started: int
+
+
+class Status(TypedDict, total=False):
+    state: Required[State]
+    disk_size: int
+    owner: Owner
+    reason: ReasonBody
+
+
+class Tool(TypedDict):
+    imagetool: str
+    qemu_img: str
+    checks: list[str]
+
+
+class MetadataDocument(TypedDict, total=False):
+    schema: Required[str]
+    registration: Required[RegistrationBody]
+    image: Required[ImageFacts]
+    fits: Fits
+    status: Required[Status]
+    tool: Required[Tool]
+    register_command: Required[str]
+
+
+# --- the schema: the one description of the document ------------------------------------------
+
+
+@functools.cache
+def schema() -> Mapping[str, Any]:
+    """The published JSON Schema (parsed once; do not modify it)."""
+    text = resources.files("imagetool").joinpath("schemas/metadata.schema.json").read_text()
+    return cast(dict[str, Any], json.loads(text))
+
+
+@functools.cache
+def _validator(definition: str | None = None) -> Draft202012Validator:
+    """A validator for the whole document, or for one of its `$defs` (e.g. `registration`)."""
+    root = schema()
+    target = root if definition is None else {"$defs": root["$defs"], "$ref": f"#/$defs/{definition}"}
+    return Draft202012Validator(target)
+
+
+@functools.cache
+def _unsafe_text() -> re.Pattern[str]:
+    """The characters the schema's `text` refuses: controls, ESC, bidi marks, undecodable bytes."""
+    return re.compile(schema()["$defs"]["text"]["not"]["pattern"])
+
+
+def unsafe_character(text: str) -> str | None:
+    """The first character of `text` that must not reach a terminal raw, if any."""
+    found = _unsafe_text().search(text)
+    return found.group() if found else None
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _MESSAGE_MAX else text[: _MESSAGE_MAX - 1] + "…"
+
+
+def _where(path: Sequence[object]) -> str:
+    """A JSON path people can read; keys that are not plain words are quoted (never raw)."""
+    return "/".join(
+        str(p) if isinstance(p, int) or (isinstance(p, str) and p.isidentifier()) else repr(p) for p in path
+    )
+
+
+def _messages(error: ValidationError, parents: tuple[str, ...]) -> list[str]:
+    """One error in words: a missing or unknown field is named, an unsafe character is shown as U+XXXX."""
+    where = _where([*parents, *error.absolute_path])
+    instance = error.instance
+    if error.validator == "required" and isinstance(instance, dict):
+        prefix = f"{where}/" if where else ""
+        required = cast(list[str], error.validator_value)
+        return [f"{prefix}{name} is missing" for name in required if name not in instance]
+    at = f"{where}: " if where else ""
+    if error.validator == "additionalProperties" and isinstance(instance, dict):
+        known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+        return [f"{at}unknown field {_short(repr(key))}" for key in instance if key not in known]
+    if error.validator == "not" and isinstance(instance, str) and (char := unsafe_character(instance)):
+        return [f"{at}contains {_character(char)}"]
+    return [f"{at}{_short(error.message)}"]
+
+
+def _errors(validator: Draft202012Validator, instance: object, parents: tuple[str, ...] = ()) -> list[str]:
+    """Every error, in words, in path order, each once; `parents` is where `instance` sits in a document."""
+    found = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    return list(dict.fromkeys(m for e in found for m in _messages(e, parents)))
+
+
+def schema_errors(doc: object) -> list[str]:
+    """Where `doc` breaks the published schema ([] when it validates)."""
+    return _errors(_validator(), doc)
+
+
+def registration_problems(doc: object) -> list[str]:
+    """Why `doc`'s `registration` is not a body the API takes, by the schema's definition of it."""
+    body = doc.get("registration") if isinstance(doc, dict) else None
+    if body is None:
+        return ["registration is missing"]
+    return _errors(_validator("registration"), body, parents=("registration",))
+
+
+def upload_problems(doc: object) -> list[str]:
+    """What an upload needs that the schema leaves optional (it also describes drafts).
+
+    The library needs a username (the login that gets the SSH key), and only a
+    finished (`available`) document describes the file to upload.
+    """
+    if not isinstance(doc, dict):
+        return []
+    problems = []
+    body, status_ = doc.get("registration"), doc.get("status")
+    if isinstance(body, dict) and "username" not in body:
+        problems.append("registration/username is missing (the login that gets the SSH key)")
+    if isinstance(status_, dict) and status_.get("state") != READY:
+        problems.append(f"status is {_short(repr(status_.get('state')))}, not {READY!r}")
+    return problems
+
+
+# --- parsing a document someone else wrote --------------------------------------------------
+
+_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_STRING = re.compile(r'"[^"]*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _nesting(text: str) -> int:
+    """How deep `[` and `{` nest in JSON text, strings skipped: found without parsing it."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", _ESCAPE.sub("", text)))
+    return max(itertools.accumulate(1 if c in "[{" else -1 for c in brackets), default=0)
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_document(data: bytes) -> object:
+    """JSON from untrusted bytes, bounded: UTF-8 only, nested at most MAX_JSON_DEPTH deep.
+
+    The depth is checked before parsing: json recurses once per level (100,000
+    levels raise RecursionError) and so would the schema validator.
+    ValueError says why the bytes are not such a document.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})") from None
+    depth = _nesting(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested {depth} deep; a metadata document nests at most {MAX_JSON_DEPTH}")
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except ValueError as exc:  # JSONDecodeError, NaN, an integer of thousands of digits
+        raise ValueError(f"not JSON: {_short(str(exc))}") from None
+
+
+# --- building a registration from what a user typed -----------------------------------------
+
+
+@dataclass(frozen=True)
 class Registration:
-    """The registration request body, validated. Build it with `registration()`."""
+    """A registration body that validates against the schema. Build it with `registration()`."""
 
-    name: str
-    arch: str
-    compatibility_mode: bool = False
-    public: bool = False
-    description: str | None = None
-    username: str | None = None
-    min_ram: int | None = None
-    http_url: str | None = None
-    notes: list[str] = field(default_factory=list)  # e.g. "arch amd64 was read as x86_64"
-
-    def body(self) -> dict[str, Any]:
-        """The API body in a stable key order, unset optional keys left out."""
-        out: dict[str, Any] = {"name": self.name}
-        if self.description is not None:
-            out["description"] = self.description
-        if self.username is not None:
-            out["username"] = self.username
-        out["arch"] = self.arch
-        out["compatibility_mode"] = self.compatibility_mode
-        out["public"] = self.public
-        if self.min_ram is not None:
-            out["min_ram"] = self.min_ram
-        if self.http_url is not None:
-            out["http_url"] = self.http_url
-        return out
+    body: RegistrationBody
+    notes: tuple[str, ...] = ()  # e.g. "arch 'amd64' was read as 'x86_64'"
 
     def register_command(self) -> str:
         """The equivalent `brightbox images register …` line, safe to paste into a shell."""
-        args = ["brightbox", "images", "register", "-a", self.arch, "-n", self.name]
-        if self.description is not None:
-            args += ["-d", self.description]
-        if self.username is not None:
-            args += ["-u", self.username]
+        body = self.body
+        args = ["brightbox", "images", "register", "-a", body["arch"], "-n", body["name"]]
+        if "description" in body:
+            args += ["-d", body["description"]]
+        if "username" in body:
+            args += ["-u", body["username"]]
         args += [
             "-m",
-            "compatibility" if self.compatibility_mode else "virtio",
+            "compatibility" if body["compatibility_mode"] else "virtio",
             "-p",
-            "true" if self.public else "false",
+            "true" if body["public"] else "false",
         ]
-        if self.min_ram is not None:
-            args += ["--min-ram", str(self.min_ram)]
-        args += ["--url", self.http_url or URL_PLACEHOLDER]
+        if "min_ram" in body:
+            args += ["--min-ram", str(body["min_ram"])]
+        args += ["--url", body.get("http_url", URL_PLACEHOLDER)]
         return shlex.join(args)
 
 
-def _bad(message: str, code: str) -> UsageProblem:
-    return UsageProblem(message, code=code)
+def _character(char: str) -> str:
+    return f"U+{ord(char):04X} (a control, escape, bidi or undecodable character)"
+
+
+def _refuse_unsafe(field: str, value: str | None) -> None:
+    """Refuse text a terminal would act on instead of showing, before anything strips it."""
+    if value is not None and (char := unsafe_character(value)) is not None:
+        option, code, _ = _OPTIONS[field]
+        raise UsageProblem(
+            f"{option} must not contain control characters, escape sequences, bidi marks or "
+            f"undecodable bytes; it has {_character(char)} at position {value.index(char)}",
+            code=code,
+        )
+
+
+def _canonical_arch(arch: str) -> tuple[str, list[str]]:
+    """The library's spelling of a common arch name, and a note when it was not already that."""
+    canonical = arch.strip().lower()
+    if canonical in _ARCH_ALIASES:
+        return _ARCH_ALIASES[canonical], [f"arch {arch!r} was read as {_ARCH_ALIASES[canonical]!r}"]
+    return canonical, []
 
 
 def registration(
@@ -117,45 +347,39 @@ def registration(
     min_ram: int | None = None,
     url: str | None = None,
 ) -> Registration:
-    """Validate what a user typed into a Registration; every problem is one clear UsageProblem."""
-    notes = []
+    """Validate what a user typed into a Registration; every problem is one UsageProblem naming its option."""
+    for field, value in (("name", name), ("description", description), ("username", username)):
+        _refuse_unsafe(field, value)
     if name is None or not name.strip():
-        raise _bad("--name must not be empty", "bad_name")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name + (description or "")):
-        raise _bad("--name and --description must not contain control characters", "bad_name")
+        raise UsageProblem("--name must not be empty", code="bad_name")
     if arch is None:
-        raise _bad("--arch is required: x86_64 (64-bit) or i686 (32-bit)", "bad_arch")
-    canonical = arch.strip().lower()
-    if canonical in _ARCH_ALIASES:
-        notes.append(f"arch {arch!r} was read as {_ARCH_ALIASES[canonical]!r}")
-        canonical = _ARCH_ALIASES[canonical]
-    if canonical not in ARCHES:
-        raise _bad(f"--arch {arch!r} is not x86_64 or i686", "bad_arch")
+        raise UsageProblem("--arch is required: x86_64 (64-bit) or i686 (32-bit)", code="bad_arch")
     if mode not in MODES:
-        raise _bad(f"--mode {mode!r} is not virtio or compatibility", "bad_mode")
-    if username is not None and not _USERNAME.match(username):
-        raise _bad(
-            f"--username {username!r} is not a valid login name "
-            "(lower-case letters, digits, _ and -, starting with a letter or _, at most 32)",
-            "bad_username",
-        )
-    if min_ram is not None and min_ram < 1:
-        raise _bad(f"--min-ram {min_ram} must be a positive number of MB", "bad_min_ram")
-    if url is not None:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc or any(c.isspace() for c in url):
-            raise _bad(f"--url {url!r} is not an http(s) URL", "bad_url")
-    return Registration(
-        name=name.strip(),
-        arch=canonical,
-        compatibility_mode=mode == "compatibility",
-        public=public,
-        description=description,
-        username=username,
-        min_ram=min_ram,
-        http_url=url,
-        notes=notes,
-    )
+        raise UsageProblem(f"--mode {mode!r} is not virtio or compatibility", code="bad_mode")
+    canonical, notes = _canonical_arch(arch)
+    given: dict[str, object] = {
+        "name": name.strip(),
+        "description": description,
+        "username": username,
+        "arch": canonical,
+        "compatibility_mode": mode == "compatibility",
+        "public": public,
+        "min_ram": min_ram,
+        "http_url": url,
+    }
+    # in the schema's order, unset optional fields left out; validated just below
+    fields = schema()["$defs"]["registration"]["properties"]
+    body = cast(RegistrationBody, {key: given[key] for key in fields if given.get(key) is not None})
+    error = next(_validator("registration").iter_errors(body), None)
+    if error is not None:  # the body is built with every required field: the error names one
+        field = str(error.absolute_path[0])
+        option, code, wants = _OPTIONS[field]
+        raise UsageProblem(f"{option} {_short(repr(body.get(field)))} {wants}", code=code)
+    notes += [f"{p}: preflight will fail this document" for p in upload_problems({"registration": body})]
+    return Registration(body=body, notes=tuple(notes))
+
+
+# --- measuring an image and writing its document ----------------------------------------------
 
 
 def checksums(fd: int) -> tuple[str, str]:
@@ -171,22 +395,30 @@ def checksums(fd: int) -> tuple[str, str]:
     return sha.hexdigest(), md5.hexdigest()
 
 
-def image_facts(src: Source, report: Report, disk_size: int | None = None) -> dict[str, Any]:
+def _measured(report: Report) -> tuple[str, int, int]:
+    """Format, virtual size and disk_size: a safe report has all three; anything else is a bug."""
+    if report.format is None or report.virtual_size is None or report.disk_size is None:
+        raise ValueError(f"{report.path}: only a safe, measured image can be described")
+    return report.format, report.virtual_size, report.disk_size
+
+
+def image_facts(src: Source, report: Report, disk_size: int | None = None) -> ImageFacts:
     """The measured `image` object; `disk_size` overrides an estimate with a known exact value."""
+    fmt, virtual, measured = _measured(report)
     sha256, md5 = checksums(src.fd)
-    exact = disk_size is not None or bool(report.disk_size_exact)
-    size = disk_size if disk_size is not None else int(report.disk_size or 0)
-    qcow2 = report.qcow2 or {}
+    src.ensure_unchanged()  # the checksums describe a file only if nothing wrote to it meanwhile
+    size = measured if disk_size is None else disk_size
+    qcow2 = report.qcow2
     return {
         "file": Path(src.path).name,
-        "format": report.format,
-        "qcow2_compat": qcow2.get("compat"),
-        "compression_type": qcow2.get("compression_type"),
-        "virtual_size": report.virtual_size,
-        "virtual_size_mib": to_mib(int(report.virtual_size or 0)),
+        "format": fmt,
+        "qcow2_compat": qcow2.compat if qcow2 else None,
+        "compression_type": qcow2.compression_type if qcow2 else None,
+        "virtual_size": virtual,
+        "virtual_size_mib": to_mib(virtual),
         "disk_size": size,
         "disk_size_mib": to_mib(size),
-        "disk_size_exact": exact,
+        "disk_size_exact": disk_size is not None or bool(report.disk_size_exact),
         "file_size": src.size,
         "sha256": sha256,
         "md5": md5,
@@ -194,64 +426,44 @@ def image_facts(src: Source, report: Report, disk_size: int | None = None) -> di
     }
 
 
-def fits(virtual_size: int, server_disk: int | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"min_disk_mib": to_mib(virtual_size)}
+def fits(virtual_size: int, server_disk: int | None) -> Fits:
+    out: Fits = {"min_disk_mib": to_mib(virtual_size)}
     if server_disk is not None:
         out["server_disk_mib"] = to_mib(server_disk)
         out["fits_server_disk"] = virtual_size <= server_disk
     return out
 
 
-def document(
-    reg: Registration, image: dict[str, Any], fit: dict[str, Any], status: dict[str, Any], checks: list[str]
-) -> dict[str, Any]:
-    return {
-        "schema": SCHEMA,
-        "registration": reg.body(),
-        "image": image,
-        "fits": fit,
-        "status": status,
-        "tool": {"imagetool": __version__, "qemu_img": qemu.version(), "checks": checks},
-        "register_command": reg.register_command(),
-    }
-
-
-def status(state: str, *, disk_size: int | None = None, reason: Reason | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"state": state}
+def status(
+    state: State, *, disk_size: int | None = None, owner: Owner | None = None, reason: Reason | None = None
+) -> Status:
+    out: Status = {"state": state}
     if disk_size is not None:
         out["disk_size"] = disk_size
+    if owner is not None:
+        out["owner"] = owner
     if reason is not None:
-        out["reason"] = reason.as_dict()
+        out["reason"] = {"code": reason.code, "message": reason.message}
     return out
 
 
-def schema() -> dict[str, Any]:
-    text = resources.files("imagetool").joinpath("schemas/metadata.schema.json").read_text()
-    return json.loads(text)
-
-
-def schema_errors(doc: Any) -> list[str]:
-    """Where `doc` breaks the published schema ([] when it validates)."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(schema())
-    return [
-        f"{'/'.join(map(str, e.absolute_path)) or '(document)'}: {e.message}"
-        for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
-    ]
+def document(
+    reg: Registration, image: ImageFacts, fit: Fits | None, state: Status, checks: Sequence[str]
+) -> MetadataDocument:
+    """The whole document in its stable key order; `fits` left out when not known yet."""
+    tool: Tool = {"imagetool": __version__, "qemu_img": qemu.version(), "checks": list(checks)}
+    parts: dict[str, object] = {"schema": SCHEMA, "registration": reg.body, "image": image, "fits": fit}
+    parts |= {"status": state, "tool": tool, "register_command": reg.register_command()}
+    return cast(MetadataDocument, {key: value for key, value in parts.items() if value is not None})
 
 
 def default_metadata_path(image: str) -> Path:
     return Path(f"{image}.json")
 
 
-def check_writable(path: Path, force: bool) -> None:
-    if (path.exists() or path.is_symlink()) and not force:
-        raise UsageProblem(
-            "metadata file exists; pass --force to replace it", path=str(path), code="output_exists"
-        )
-    if path.is_symlink() or path.is_dir():
-        raise UsageProblem("metadata path is a link or a directory", path=str(path), code="bad_output")
+def write_document(target: Path, doc: MetadataDocument, *, force: bool, inputs: Collection[FileKey]) -> None:
+    """Write the document atomically through output.py: never over an input, a link or (unforced) a file."""
+    write_file(target, (json.dumps(doc, indent=2) + "\n").encode(), force=force, inputs=inputs)
 
 
 def write_metadata(
@@ -262,23 +474,22 @@ def write_metadata(
     server_disk: int | None = None,
     force: bool = False,
     max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
-) -> tuple[Path, dict[str, Any]]:
-    """Inspect `image`, measure it, and write its metadata document next to it (or to `output`)."""
+) -> tuple[Path, MetadataDocument]:
+    """Inspect `image`, measure it, and write its metadata document next to it (or to `output`).
+
+    The output is checked before the image is inspected, so a wrong -o costs nothing.
+    """
     target = Path(output) if output else default_metadata_path(image)
-    check_writable(target, force)
     with open_source(image) as src:
+        inputs = {(src.device, src.inode)}
+        check_target(target, force=force, inputs=inputs)
         report = inspect_source(src, None, max_virtual_size)
         if not report.safe:
             raise report.rejected()
         if report.format not in ("qcow2", "raw"):
             message = f"the library takes qcow2 or raw; this is {report.format}: run imagetool convert first"
             raise ImageRejected(message, [Reason("unsupported_format", message)], path=image)
-        doc = document(
-            reg,
-            image_facts(src, report),
-            fits(int(report.virtual_size or 0), server_disk),
-            status("available"),
-            report.checks,
-        )
-    write_json(target, doc)
+        facts = image_facts(src, report)
+        doc = document(reg, facts, fits(facts["virtual_size"], server_disk), status(READY), report.checks)
+    write_document(target, doc, force=force, inputs=inputs)
     return target, doc

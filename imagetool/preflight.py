@@ -2,35 +2,50 @@
 
 Each check ends pass, warn, fail or skip. The run fails (exit 3, or 4 when only
 size limits failed) when any check fails, or any warns under `strict`.
+
+A metadata document is someone else's input: it is read the safe way (a small
+regular file, UTF-8 JSON, bounded nesting), validated against the schema, and
+nothing in it is used before it validates.
 """
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from imagetool.convert import DEFAULT_LIMIT
-from imagetool.errors import SIZE_REASONS, EnvironmentProblem, ExitCode, ImageRejected
+from imagetool.errors import SIZE_REASONS, ExitCode, ImageRejected
 from imagetool.inspection import DEFAULT_MAX_VIRTUAL_SIZE, Report, inspect_source
-from imagetool.metadata import ARCHES, checksums, schema_errors
-from imagetool.sizes import GiB, human
-from imagetool.source import open_source
+from imagetool.metadata import SCHEMA as METADATA_SCHEMA
+from imagetool.metadata import (
+    ImageFacts,
+    MetadataDocument,
+    fits,
+    image_facts,
+    parse_document,
+    registration_problems,
+    schema_errors,
+    upload_problems,
+)
+from imagetool.policy import MAX_DISK_SIZE, MAX_METADATA_BYTES
+from imagetool.sizes import human, to_mib
+from imagetool.source import Source, open_source, read_small_file
 
 SCHEMA = "imagetool.preflight/1"
-DISK_SIZE_LIMIT = 50 * GiB  # the library's documented limit for snapshots' non-zero data
-_API_FIELDS = {
-    "name": str,
-    "description": str,
-    "username": str,
-    "arch": str,
-    "compatibility_mode": bool,
-    "public": bool,
-    "min_ram": int,
-    "http_url": str,
-}
+# The measured facts a document must share with the file it describes.
+_SAME_FACTS = (
+    "file",
+    "format",
+    "qcow2_compat",
+    "compression_type",
+    "virtual_size",
+    "virtual_size_mib",
+    "file_size",
+    "sha256",
+    "md5",
+)
+_SHOWN_ERRORS = 3
 
 
 @dataclass(frozen=True)
@@ -98,161 +113,184 @@ class PreflightResult:
         return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def _image_checks(report: Report, limit: int, server_disk: int | None) -> list[Check]:
-    checks = []
+# --- the image ----------------------------------------------------------------------------------
+
+
+def _format_checks(report: Report) -> list[Check]:
     if report.format == "qcow2":
-        checks.append(Check("format", "pass", "qcow2"))
-        q = report.qcow2 or {}
-        if q.get("compressed_clusters") or not q.get("allocated_clusters"):
-            checks.append(
-                Check(
-                    "compressed",
-                    "pass",
-                    f"{q.get('compression_type')} compression, "
-                    f"{q.get('compressed_clusters', 0)} compressed clusters",
-                )
+        q = report.qcow2
+        if q is not None and (q.compressed_clusters or not q.allocated_clusters):
+            compressed = Check(
+                "compressed",
+                "pass",
+                f"{q.compression_type} compression, {q.compressed_clusters} compressed clusters",
             )
         else:
-            checks.append(
-                Check(
-                    "compressed",
-                    "warn",
-                    "qcow2 is not compressed: the upload is larger than it needs to be (imagetool convert)",
-                    "not_compressed",
-                )
+            compressed = Check(
+                "compressed",
+                "warn",
+                "qcow2 is not compressed: the upload is larger than it needs to be (imagetool convert)",
+                "not_compressed",
             )
-    elif report.format == "raw":
-        checks.append(Check("format", "pass", "raw (the library takes it)"))
-        checks.append(
+        return [Check("format", "pass", "qcow2"), compressed]
+    if report.format == "raw":
+        return [
+            Check("format", "pass", "raw (the library takes it)"),
             Check(
                 "compressed",
                 "warn",
                 "raw is not compressed: a compressed qcow2 uploads faster (imagetool convert)",
                 "not_compressed",
-            )
-        )
-    else:
-        checks.append(
-            Check(
-                "format",
-                "fail",
-                f"{report.format} is not qcow2 or raw: run imagetool convert first",
-                "wrong_format",
-            )
-        )
-    size = int(report.file_size or 0)
+            ),
+        ]
+    message = f"{report.format} is not qcow2 or raw: run imagetool convert first"
+    return [Check("format", "fail", message, "wrong_format")]
+
+
+def _compressed_size_check(report: Report, limit: int) -> Check:
+    size = report.file_size or 0
     if size > limit:
-        checks.append(
-            Check(
-                "compressed_size",
-                "fail",
-                f"{human(size)} is over the limit of {human(limit)}",
-                "compressed_too_large",
-            )
+        message = f"{human(size)} is over the limit of {human(limit)}"
+        return Check("compressed_size", "fail", message, "compressed_too_large")
+    return Check("compressed_size", "pass", f"{human(size)} (limit {human(limit)})")
+
+
+def _disk_size_check(report: Report, from_metadata: int | None) -> Check:
+    """Non-zero data against the documented limit; exact from matching metadata when our scan can't be."""
+    if from_metadata is not None:
+        data, how = from_metadata, " (exact, from the metadata of this very file)"
+    else:
+        data = report.disk_size or 0
+        how = "" if report.disk_size_exact else f" (estimate from {report.disk_size_method}: an upper bound)"
+    if data > MAX_DISK_SIZE:
+        message = (
+            f"{human(data)} of non-zero data{how} is over the "
+            f"{human(MAX_DISK_SIZE)} the library documents for snapshots"
         )
-    else:
-        checks.append(Check("compressed_size", "pass", f"{human(size)} (limit {human(limit)})"))
-    data = int(report.disk_size or 0)
-    if report.disk_size_method == "metadata":
-        how = " (exact, from the metadata of this very file)"
-    elif not report.disk_size_exact:
-        how = f" (estimate from {report.disk_size_method}: an upper bound)"
-    else:
-        how = ""
-    if data > DISK_SIZE_LIMIT:
-        checks.append(
-            Check(
-                "disk_size",
-                "warn",
-                f"{human(data)} of non-zero data{how} is over the "
-                f"{human(DISK_SIZE_LIMIT)} the library documents for snapshots",
-                "disk_size_over_limit",
-            )
-        )
-    else:
-        checks.append(Check("disk_size", "pass", f"{human(data)} of non-zero data{how}"))
-    virtual = int(report.virtual_size or 0)
+        return Check("disk_size", "warn", message, "disk_size_over_limit")
+    return Check("disk_size", "pass", f"{human(data)} of non-zero data{how}")
+
+
+def _server_disk_check(report: Report, server_disk: int | None) -> Check:
+    virtual = report.virtual_size or 0
     if server_disk is None:
-        checks.append(Check("server_disk", "skip", "no --server-disk given"))
-    elif virtual > server_disk:
-        checks.append(
-            Check(
-                "server_disk",
-                "fail",
-                f"virtual size {human(virtual)} does not fit a {human(server_disk)} server disk",
-                "does_not_fit",
-            )
-        )
-    else:
-        checks.append(
-            Check("server_disk", "pass", f"virtual size {human(virtual)} fits {human(server_disk)}")
-        )
-    return checks
+        return Check("server_disk", "skip", "no --server-disk given")
+    if virtual > server_disk:
+        message = f"virtual size {human(virtual)} does not fit a {human(server_disk)} server disk"
+        return Check("server_disk", "fail", message, "does_not_fit")
+    return Check("server_disk", "pass", f"virtual size {human(virtual)} fits {human(server_disk)}")
 
 
-def _load_metadata(path: str) -> tuple[Any, str | None]:
+# --- the metadata -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Read:
+    """A metadata file as read: the parsed JSON, or why the file is not a JSON document."""
+
+    parsed: object = None
+    problem: str | None = None
+
+
+def _read_metadata(path: str) -> _Read:
+    """Read the safe way: a FIFO, device, link or huge file is refused, never waited on or slurped.
+
+    A missing file is an EnvironmentProblem (exit 5); one that is there but is not
+    a small regular UTF-8 JSON file fails the metadata_schema check.
+    """
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EnvironmentProblem("no such metadata file", path=path, code="not_found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EnvironmentProblem(f"cannot read metadata: {exc}", path=path, code="io_error") from None
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError as exc:
-        return None, f"not JSON: {exc}"
+        return _Read(parsed=parse_document(read_small_file(path, MAX_METADATA_BYTES)))
+    except ImageRejected as exc:
+        return _Read(problem=f"the metadata file {exc.message} ({exc.code})")
+    except ValueError as exc:
+        return _Read(problem=str(exc))
 
 
-def _metadata_checks(doc: Any, problem: str | None, report: Report, fd: int) -> list[Check]:
-    if problem:
-        return [Check("metadata_schema", "fail", problem, "bad_metadata")]
-    errors = schema_errors(doc)
-    checks = [
-        Check("metadata_schema", "fail", "; ".join(errors[:3]), "bad_metadata")
-        if errors
-        else Check("metadata_schema", "pass", "validates against imagetool.metadata/1")
+def _skip(name: str, why: str) -> Check:
+    return Check(name, "skip", why)
+
+
+def _schema_check(errors: list[str]) -> Check:
+    if not errors:
+        return Check("metadata_schema", "pass", f"validates against {METADATA_SCHEMA}")
+    more = len(errors) - _SHOWN_ERRORS
+    message = "; ".join(errors[:_SHOWN_ERRORS]) + (f" (and {more} more)" if more > 0 else "")
+    return Check("metadata_schema", "fail", message, "bad_metadata")
+
+
+def _registration_check(parsed: object) -> Check:
+    """The body against the schema's definition of it (validation only: safe on any JSON)."""
+    problems = registration_problems(parsed) + upload_problems(parsed)
+    if problems:
+        return Check("metadata_registration", "fail", "; ".join(problems), "bad_metadata")
+    return Check("metadata_registration", "pass", "arch, mode and username set; body is API-clean")
+
+
+def _disk_size_mismatches(claimed: ImageFacts, report: Report) -> list[str]:
+    """A document's disk_size must agree with itself and with what this file can hold."""
+    size, exact = claimed.get("disk_size"), claimed.get("disk_size_exact")
+    if size is None or exact is None:
+        return ["disk_size is not in the metadata"]
+    problems = []
+    mib = claimed.get("disk_size_mib")
+    if mib != to_mib(size):
+        problems.append(f"disk_size_mib: the metadata has {mib!r}, its disk_size is {to_mib(size)} MiB")
+    ours = report.disk_size or 0
+    if report.disk_size_exact or not exact:  # the same measurement: it must be the same figure
+        if size != ours:
+            problems.append(f"disk_size: the metadata has {size}, this file {ours}")
+    elif size > ours:  # ours is an upper bound
+        problems.append(f"disk_size: the metadata has {size}, more than this file holds (at most {ours})")
+    return problems
+
+
+def _mismatches(doc: MetadataDocument, ours: ImageFacts, report: Report) -> list[str]:
+    """Each way a valid document describes a file other than this one, named."""
+    claimed = doc["image"]
+    problems = [
+        f"{key}: the metadata has {claimed.get(key)!r}, this file {ours.get(key)!r}"
+        if key in claimed
+        else f"{key} is not in the metadata"
+        for key in _SAME_FACTS
+        if claimed.get(key) != ours.get(key)
     ]
-    image = doc.get("image", {}) if isinstance(doc, dict) else {}
-    sha256, _ = checksums(fd)
-    mismatches = [
-        name
-        for name, ours in (
-            ("sha256", sha256),
-            ("virtual_size", report.virtual_size),
-            ("file_size", report.file_size),
-        )
-        if image.get(name) != ours
-    ]
-    checks.append(
-        Check(
-            "metadata_matches",
-            "fail",
-            f"metadata describes another file: {', '.join(mismatches)} differ",
-            "metadata_mismatch",
-        )
-        if mismatches
-        else Check("metadata_matches", "pass", "sha256 and sizes match this file")
-    )
-    reg = doc.get("registration", {}) if isinstance(doc, dict) else {}
-    problems = [f"unknown field {k!r}" for k in reg if k not in _API_FIELDS]
-    problems += [
-        f"{k} is not {t.__name__}" for k, t in _API_FIELDS.items() if k in reg and not isinstance(reg[k], t)
-    ]
-    if reg.get("arch") not in ARCHES:
-        problems.append("arch is missing or not x86_64/i686")
-    if not isinstance(reg.get("compatibility_mode"), bool):
-        problems.append("mode (compatibility_mode) is missing")
-    if not reg.get("username"):
-        problems.append("username is missing")
-    state = doc.get("status", {}).get("state") if isinstance(doc, dict) else None
-    if state != "available":
-        problems.append(f"status is {state!r}, not 'available'")
-    checks.append(
-        Check("metadata_registration", "fail", "; ".join(problems), "bad_metadata")
-        if problems
-        else Check("metadata_registration", "pass", "arch, mode and username set; body is API-clean")
-    )
-    return checks
+    min_disk = fits(ours["virtual_size"], None)["min_disk_mib"]
+    claimed_min = doc["fits"]["min_disk_mib"] if "fits" in doc else None
+    if claimed_min != min_disk:
+        problems.append(f"fits.min_disk_mib: the metadata has {claimed_min!r}, this file needs {min_disk}")
+    return problems + _disk_size_mismatches(claimed, report)
+
+
+def _trusted_disk_size(doc: MetadataDocument, report: Report) -> int | None:
+    """Metadata of this very file (checked) may know the exact disk_size our scan can't."""
+    image = doc["image"]
+    if report.disk_size_exact or not image.get("disk_size_exact"):
+        return None
+    return image.get("disk_size")
+
+
+def _metadata_checks(read: _Read, src: Source, report: Report) -> tuple[list[Check], int | None]:
+    """The three metadata checks, and the exact disk_size a valid, matching document supplies."""
+    if read.problem is not None:
+        nothing = "no document to check: the metadata file is not one"
+        return [
+            Check("metadata_schema", "fail", read.problem, "bad_metadata"),
+            _skip("metadata_matches", nothing),
+            _skip("metadata_registration", nothing),
+        ], None
+    errors = schema_errors(read.parsed)
+    registration = _registration_check(read.parsed)
+    if errors:
+        not_compared = "not compared: nothing in a document that does not validate is used"
+        return [_schema_check(errors), _skip("metadata_matches", not_compared), registration], None
+    doc = cast(MetadataDocument, read.parsed)  # it validates: it is one
+    mismatches = _mismatches(doc, image_facts(src, report), report)
+    if mismatches:
+        message = "the metadata describes another file: " + "; ".join(mismatches)
+        matches = Check("metadata_matches", "fail", message, "metadata_mismatch")
+        return [_schema_check([]), matches, registration], None
+    matches = Check("metadata_matches", "pass", "checksums, sizes, name and format match this file")
+    return [_schema_check([]), matches, registration], _trusted_disk_size(doc, report)
 
 
 def preflight(
@@ -265,7 +303,7 @@ def preflight(
     max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
 ) -> PreflightResult:
     result = PreflightResult(image=image, strict=strict)
-    loaded = _load_metadata(metadata) if metadata else None
+    read = _read_metadata(metadata) if metadata else None
     try:
         src = open_source(image)
     except ImageRejected as exc:  # a directory, FIFO, …: still a named, failed check for the report
@@ -275,27 +313,16 @@ def preflight(
         report = inspect_source(src, None, max_virtual_size)
         if not report.safe:
             codes = ", ".join(r.code for r in report.reasons)
-            result.checks.append(
-                Check("inspect", "fail", f"{report.reasons[0].message} ({codes})", report.reasons[0].code)
-            )
+            first = report.reasons[0]
+            result.checks.append(Check("inspect", "fail", f"{first.message} ({codes})", first.code))
             return result
         result.checks.append(Check("inspect", "pass", f"safe: {', '.join(report.checks)} passed"))
-        meta_checks = _metadata_checks(*loaded, report, src.fd) if loaded is not None else []
-        if loaded is not None and any(
-            c.name == "metadata_matches" and c.status == "pass" for c in meta_checks
-        ):
-            _trust_metadata_disk_size(report, loaded[0]["image"])
-        result.checks += _image_checks(report, limit, server_disk) + meta_checks
+        meta_checks, exact = _metadata_checks(read, src, report) if read is not None else ([], None)
+    result.checks += [
+        *_format_checks(report),
+        _compressed_size_check(report, limit),
+        _disk_size_check(report, exact),
+        _server_disk_check(report, server_disk),
+        *meta_checks,
+    ]
     return result
-
-
-def _trust_metadata_disk_size(report: Report, image: dict[str, Any]) -> None:
-    """Metadata of this very file (same sha256) may know the exact disk_size our scan can't."""
-    if (
-        not report.disk_size_exact
-        and image.get("disk_size_exact")
-        and isinstance(image.get("disk_size"), int)
-    ):
-        report.disk_size = image["disk_size"]
-        report.disk_size_exact = True
-        report.disk_size_method = "metadata"
