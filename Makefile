@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 SAMPLE  := fixtures/sample.raw
 
-.PHONY: setup system-deps demo test lint bench clean
+.PHONY: setup system-deps demo test lint bench clean lock
 
 system-deps:
 	@missing=""; \
@@ -21,11 +21,19 @@ system-deps:
 	  fi; \
 	fi
 
-$(STAMP): pyproject.toml
+# Exactly the versions in requirements.lock (hash-checked), so CI tests what a user gets;
+# pyproject.toml keeps the ranges for library users. `make lock` regenerates the lock.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+lock:
+	$(PYTHON) -m venv build/uv && build/uv/bin/pip install -q uv
+	printf 'setuptools>=68\n' > build/build-requirements.in
+	build/uv/bin/uv pip compile pyproject.toml build/build-requirements.in --extra dev \
+	  --generate-hashes --python-version 3.11 --no-header -q -o requirements.lock
 
 setup: system-deps $(STAMP)
 
@@ -44,6 +52,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check imagetool tests bench fixtures
 	$(BIN)/ruff format --check imagetool tests bench fixtures
+	$(BIN)/mypy --strict imagetool
 
 bench: setup
 	@command -v hyperfine >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq hyperfine >/dev/null; }
