@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, make_qcow2, qemu_img, slow_input, sparse_raw, start_imagetool
+from conftest import SAMPLE, qemu_img, slow_input, sparse_raw, start_imagetool
 
 from imagetool import output
 
