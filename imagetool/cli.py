@@ -8,19 +8,24 @@ holds exactly one JSON object with a `schema` key, whatever the outcome.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from imagetool import __version__
-from imagetool.errors import ExitCode, ImageRejected, ImagetoolError, Interrupted, UsageProblem
+from imagetool.errors import (
+    EnvironmentProblem,
+    ExitCode,
+    ImageRejected,
+    ImagetoolError,
+    Interrupted,
+    UsageProblem,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -54,28 +59,16 @@ def _root(
     """Prepare virtual-disk images for a cloud image library, safely."""
 
 
-@contextlib.contextmanager
-def _signals_unwind() -> Iterator[None]:
-    """SIGTERM and SIGHUP (a closed terminal, a dropped ssh) unwind like Ctrl-C, for the whole run.
+def interrupted(name: str, exc: BaseException, as_json: bool) -> int:
+    """Report a signal the one way every outcome is reported; return its exit code (128+N)."""
+    from imagetool import render, signals
 
-    Raised once: a second signal during the clean-up is ignored so the clean-up finishes.
-    """
-
-    def unwind(signum: int, frame: object) -> None:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, unwind) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _signal_exit(exc: BaseException) -> int:
-    return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
+    code = signals.exit_code(exc)
+    stopped = ImagetoolError(signals.message(exc), code="interrupted")
+    if as_json and not render.json_emitted():
+        render.emit_json(render.error_document(name, stopped) | {"exit_code": code})
+    render.error_line(stopped.message)
+    return code
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
@@ -100,15 +93,13 @@ def command(name: str) -> Callable[[F], F]:
                 render.error_line(exc.one_line() + suffix)
                 raise typer.Exit(int(exc.exit_code)) from None
             except (KeyboardInterrupt, Interrupted) as exc:
-                code = _signal_exit(exc)
-                stopped = ImagetoolError(
-                    f"interrupted by {signal.Signals(code - 128).name}; nothing was left behind",
-                    code="interrupted",
-                )
+                raise typer.Exit(interrupted(name, exc, as_json)) from None
+            except (OSError, MemoryError) as exc:  # not a bug in imagetool: the machine said no
+                problem = EnvironmentProblem(f"unexpected: {exc}", code="io_error")
                 if as_json:
-                    render.emit_json(render.error_document(name, stopped) | {"exit_code": code})
-                render.error_line(stopped.message)
-                raise typer.Exit(code) from None
+                    render.emit_json(render.error_document(name, problem))
+                render.error_line(problem.message)
+                raise typer.Exit(int(problem.exit_code)) from None
             raise typer.Exit(int(code or 0))
 
         app.command(name)(run)
@@ -384,20 +375,22 @@ def preflight_cmd(
         render.emit_json(result.as_dict())
     else:
         render.say(render.preflight_text(result))
-    for check in result.failing():
-        render.error_line(f"{image}: {check.name}: {check.message} [{check.code}]")
+    failing = result.failing()
+    if failing:  # one line for the whole run: the first failure, and how many more
+        first, more = failing[0], f" (+{len(failing) - 1} more)" if len(failing) > 1 else ""
+        render.error_line(f"{image}: {first.name}: {first.message} [{first.code}]{more}")
     return result.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: usage errors exit 2 (with JSON if asked), bugs exit 1, never a traceback."""
-    from imagetool import render
+    from imagetool import render, signals
 
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
     commands = {info.name for info in app.registered_commands}
     name = args[0] if args and args[0] in commands else "imagetool"
-    with _signals_unwind():
+    with signals.unwinding():
         try:
             returned = typer.main.get_command(app).main(
                 args=args, prog_name="imagetool", standalone_mode=False
@@ -415,9 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                 render.emit_json(render.error_document(name, UsageProblem(message, code="usage")))
             code = int(ExitCode.USAGE)
         except typer.Abort:
-            code = _signal_exit(KeyboardInterrupt())
+            code = interrupted(name, KeyboardInterrupt(), as_json)
         except (KeyboardInterrupt, Interrupted) as exc:  # outside any command (while parsing)
-            code = _signal_exit(exc)
+            code = interrupted(name, exc, as_json)
         except Exception as exc:  # a bug: one line, and the traceback only when debugging
             if os.environ.get("IMAGETOOL_DEBUG"):
                 raise

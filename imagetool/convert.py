@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ class ConvertResult:
     warnings: list[Reason] = field(default_factory=list)
     input_report: Report | None = None
     output_report: Report | None = None  # the verified output's inspection
+    output_key: outputs.FileKey | None = None  # (device, inode) of the file put in place
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -233,19 +234,20 @@ def convert(
     max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
     progress: Callback | None = None,
     on_start: Callable[[Report], None] | None = None,
-    other_inputs: Collection[outputs.FileKey] = (),
+    before_commit: Callable[[Source, Report | None], None] | None = None,
 ) -> ConvertResult:
     """Convert `source` to compressed qcow2 at `output` (default: SOURCE.qcow2).
 
     `on_start` is called with the input's inspection once every check before
-    writing has passed (prepare records the job as `creating` there).
-    `other_inputs` are files the caller also reads, which the output may not replace.
+    writing has passed (prepare records the job as `creating` there);
+    `before_commit` with the finished output (and its verified report) before it is
+    put in place, so a caller can measure it while a failure still removes it.
     """
     check_options(compression, coroutines, limit)
     started = time.monotonic()
-    target = Path(output) if output else default_output(source)
     with open_source(source) as src:
-        inputs = {(src.device, src.inode), *other_inputs}
+        target = Path(output) if output is not None else default_output(source)
+        inputs = {(src.device, src.inode)}
         if not estimate_only:
             outputs.check_target(target, force=force, inputs=inputs)
         report, data_map = examine(src, claimed_format, max_virtual_size)
@@ -298,6 +300,11 @@ def convert(
                 result.output_report = _verify(src, report, out)
                 result.verified = True
                 src.ensure_unchanged()
+            if before_commit:
+                with from_descriptor(str(target), out.fd) as written:
+                    before_commit(written, result.output_report)
+            st = os.fstat(out.fd)
             out.commit()
+            result.output_key = (st.st_dev, st.st_ino)
     result.seconds = time.monotonic() - started
     return result

@@ -148,6 +148,7 @@ def examine(
         found.fields.update(virtual_size=header.virtual_size, virtual_size_mib=to_mib(header.virtual_size))
         found.add(_size_policy(header.virtual_size, max_virtual_size))
     if found.reasons or header.format is None:
+        src.ensure_unchanged()
         return found.report(), None
 
     fds = (src.fd,)
@@ -169,6 +170,7 @@ def examine(
         found.add([Reason("resource_limit", exc.message)])
     except qemu.QemuFailed as exc:
         found.add([Reason("corrupt", exc.message)])
+    src.ensure_unchanged()  # a verdict on bytes that changed meanwhile is no verdict
     return found.report(), data_map
 
 
@@ -303,6 +305,7 @@ def _measure_disk_size(src: Source, fmt: str, found: _Findings) -> list[Extent] 
         size, exact = count_nonzero_bytes(src.fd, src.size), True
     else:
         data_map = qemu.map_extents(src.proc_path, fmt, (src.fd,))
+        found.add(_beyond_the_end(src, data_map))
         size, exact = _disk_size_from_map(src, data_map)
     found.fields.update(
         disk_size=size,
@@ -311,6 +314,24 @@ def _measure_disk_size(src: Source, fmt: str, found: _Findings) -> list[Extent] 
         disk_size_method="scan" if exact else "qemu-img map",
     )
     return data_map
+
+
+def _beyond_the_end(src: Source, extents: list[Extent]) -> list[Reason]:
+    """A table that points past the end of the file: the image was truncated.
+
+    qemu reads such clusters as zeros, so conversion and even `qemu-img compare` would
+    pass with the lost data silently zero-filled.
+    """
+    for e in extents:
+        if e.host is not None and e.host + e.length > src.size:
+            return [
+                Reason(
+                    "corrupt",
+                    f"guest data at offset {e.start} is stored at bytes {e.host}-{e.host + e.length} of a "
+                    f"{src.size}-byte file: the image is truncated",
+                )
+            ]
+    return []
 
 
 def _disk_size_from_map(src: Source, extents: list[Extent]) -> tuple[int, bool]:

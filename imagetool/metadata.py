@@ -29,6 +29,7 @@ import shlex
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Required, TypedDict, cast
@@ -278,7 +279,9 @@ def parse_document(data: bytes) -> object:
     if depth > MAX_JSON_DEPTH:
         raise ValueError(f"JSON nested {depth} deep; a metadata document nests at most {MAX_JSON_DEPTH}")
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        # Decimal, not float: `1.0` or `1e308` must not pass the schema as an integer (jsonschema
+        # counts a whole float as one), and no metadata field is a fraction.
+        return json.loads(text, parse_constant=_no_constant, parse_float=Decimal)
     except ValueError as exc:  # JSONDecodeError, NaN, an integer of thousands of digits
         raise ValueError(f"not JSON: {_short(str(exc))}") from None
 
@@ -479,7 +482,7 @@ def write_metadata(
 
     The output is checked before the image is inspected, so a wrong -o costs nothing.
     """
-    target = Path(output) if output else default_metadata_path(image)
+    target = Path(output) if output is not None else default_metadata_path(image)
     with open_source(image) as src:
         inputs = {(src.device, src.inode)}
         check_target(target, force=force, inputs=inputs)

@@ -11,7 +11,8 @@ The rules, the same for a 50 GB qcow2, a metadata document and a JUnit report:
   old file or the new one, never half of one;
 - a failure, Ctrl-C or signal removes the temp file; one left by a process that
   was killed (SIGKILL, power loss) is no longer locked, so the next run that
-  writes into that directory removes it;
+  writes into that directory removes it (a writer that finds its new temp file
+  removed in the instant before it locked it simply makes another);
 - every OS error becomes a one-line EnvironmentProblem (exit 5), or a
   UsageProblem (exit 2) when the name itself is wrong.
 """
@@ -24,7 +25,6 @@ import fcntl
 import os
 import secrets
 import stat
-import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
@@ -33,7 +33,6 @@ from imagetool.source import above_stdio, proc_path
 
 TEMP_PREFIX = ".imagetool-tmp-"
 NAME_MAX = 255
-_STALE_AFTER = 10.0  # seconds: a temp file this old and unlocked has lost its writer
 FileKey = tuple[int, int]  # (st_dev, st_ino)
 
 
@@ -132,7 +131,7 @@ def _check_directory(target: Path) -> None:
 
 
 def remove_stale_temps(directory: Path) -> list[str]:
-    """Remove temp files whose writer is gone (no lock held, not touched for a while)."""
+    """Remove temp files whose writer is gone: nobody holds their lock."""
     removed = []
     with contextlib.suppress(OSError), os.scandir(directory) as entries:
         for entry in entries:
@@ -149,8 +148,7 @@ def _is_abandoned(path: str) -> bool:
     except OSError:
         return False
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < _STALE_AFTER:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             return False
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its writer holds it until it exits
         return True
@@ -158,6 +156,22 @@ def _is_abandoned(path: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def _locked_temp(target: Path) -> tuple[Path, int]:
+    """A new temp file beside `target`, locked; made again if a cleaner removed it before the lock."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        path = target.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}"
+        try:
+            fd = above_stdio(os.open(path, flags, 0o666))  # the umask applies, as for any new file
+        except OSError as exc:
+            raise os_error(exc, target, "create the output") from None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        st = os.fstat(fd)
+        if key_of(path) == (st.st_dev, st.st_ino):
+            return path, fd
+        os.close(fd)  # another run's clean-up took it between open and lock
 
 
 class Pending:
@@ -170,13 +184,7 @@ class Pending:
         self.force = force
         self.inputs = inputs
         self.committed = False
-        self.path = target.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}"
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            self.fd = above_stdio(os.open(self.path, flags, 0o666))  # the umask applies, as for any new file
-        except OSError as exc:
-            raise os_error(exc, target, "create the output") from None
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.path, self.fd = _locked_temp(target)
 
     @property
     def proc_path(self) -> str:
@@ -230,6 +238,15 @@ class Pending:
 
     def __exit__(self, *exc: object) -> None:
         self.discard()
+
+
+def remove_own(target: Path, key: FileKey) -> None:
+    """Remove the file this run put at `target` (after a later step failed), never anyone else's."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(target)
+        if (st.st_dev, st.st_ino) == key:
+            os.unlink(target)
+            _fsync_directory(target.parent)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -40,7 +40,7 @@ from imagetool.metadata import (
 from imagetool.policy import MAX_METADATA_BYTES
 from imagetool.progress import Callback, Progress
 from imagetool.sizes import to_mib
-from imagetool.source import open_source, read_small_file
+from imagetool.source import Source, open_source, read_small_file
 
 _STATUS_EVERY = 1.0  # seconds between `creating` updates of the JSON file
 
@@ -83,8 +83,19 @@ def _may_replace(meta_path: Path) -> bool:
     return _abandoned(doc)
 
 
-def _record_failure(record: Callable[[Status], Any], written: bool, reason: Reason) -> None:
-    """Mark our own document `failed`; never let that write hide the error that got us here."""
+def _undo(
+    result: ConvertResult | None,
+    target: Path,
+    record: Callable[[Status], Any],
+    written: bool,
+    reason: Reason,
+) -> None:
+    """A failure leaves no qcow2 (even one already in place) and marks our document `failed`.
+
+    Neither step may hide the error that got us here.
+    """
+    if result is not None and result.output_key is not None:
+        output.remove_own(target, result.output_key)
     if written:
         with contextlib.suppress(ImagetoolError):
             record(status("failed", reason=reason))
@@ -106,17 +117,18 @@ def prepare(
 ) -> tuple[Path, Path, MetadataDocument, ConvertResult]:
     """Convert `source` and write its registration metadata; returns (qcow2, json, document, result)."""
     check_options(compression, coroutines, limit)
-    target = Path(output_path) if output_path else default_output(source)
+    with open_source(source) as src:  # a directory, FIFO or missing file is refused first
+        inputs = {(src.device, src.inode)}
+    target = Path(output_path) if output_path is not None else default_output(source)
     meta_path = default_metadata_path(str(target))
-    source_key = output.key_of(source)
-    inputs = {source_key} if source_key else set()
-    meta_force = force or (meta_path.is_file() and not meta_path.is_symlink() and _may_replace(meta_path))
+    meta_force = force or _may_replace(meta_path)
     output.check_target(meta_path, force=meta_force, inputs=inputs)
 
     image: ImageFacts = {"file": target.name}
     checks: list[str] = []
     last_write = [0.0]
     written = [False]
+    exact: list[int | None] = [None]
 
     def record(state: Status, fit: Fits | None = None) -> MetadataDocument:
         doc = document(reg, image, fit, state, checks)
@@ -126,6 +138,8 @@ def prepare(
 
     def started(report: Report) -> None:
         checks[:] = report.checks
+        # The guest data is the input's: its exact disk_size beats an estimate from the qcow2.
+        exact[0] = report.disk_size if report.disk_size_exact else None
         virtual = report.virtual_size or 0
         image.update({"format": "qcow2", "virtual_size": virtual, "virtual_size_mib": to_mib(virtual)})
         record(status("creating", disk_size=0, owner=_owner()), fits(virtual, server_disk))
@@ -141,6 +155,12 @@ def prepare(
         if progress:
             progress(p)
 
+    def measure(out: Source, verified: Report | None) -> None:
+        """Checksums and sizes of the finished qcow2, read before it is put in place."""
+        nonlocal image
+        image = image_facts(out, verified or inspect_source(out), disk_size=exact[0])
+
+    result: ConvertResult | None = None
     try:
         result = convert(
             source,
@@ -153,19 +173,14 @@ def prepare(
             claimed_format=claimed_format,
             progress=tick,
             on_start=started,
+            before_commit=measure,
         )
-        # The guest data is the input's: its exact disk_size beats an estimate from the qcow2.
-        source_report = result.input_report
-        exact = result.disk_size if source_report and source_report.disk_size_exact else None
-        with open_source(str(target)) as out:
-            out_report = result.output_report or inspect_source(out)  # --no-verify: inspect it now
-            image = image_facts(out, out_report, disk_size=exact)  # record() writes this from now on
         checks.extend(["convert", "verify"] if verify else ["convert"])
         doc = record(status("available"), fits(image["virtual_size"], server_disk))
     except ImagetoolError as exc:
-        _record_failure(record, written[0], Reason(exc.code, exc.message))
+        _undo(result, target, record, written[0], Reason(exc.code, exc.message))
         raise
     except (KeyboardInterrupt, Interrupted):
-        _record_failure(record, written[0], Reason("interrupted", "interrupted before it finished"))
+        _undo(result, target, record, written[0], Reason("interrupted", "interrupted before it finished"))
         raise
     return target, meta_path, doc, result

@@ -15,6 +15,9 @@ bytes; file-posix zero-fills a short read). DMG is the exception: qemu's probe l
 only at a `.dmg` name, and a library may store the file under any name, so its
 `koly` trailer, found where qemu's dmg_open looks for it, is the evidence instead.
 
+One probe is libvirt's, not qemu's: a User-mode Linux COW header, which libvirt's own
+format probe recognises and follows to a backing file.
+
 The header readers here (VHD footer, qcow2 header) follow qemu too: a VHD's size
 comes from its CHS geometry or its current_size depending on the creator app, as in
 vpc_open, and a fixed VHD keeps its footer only at the end of the file.
@@ -176,6 +179,16 @@ def luks(ev: Evidence) -> bool:
     return ev.head.startswith(b"LUKS\xba\xbe") and version == 1
 
 
+def uml_cow(ev: Evidence) -> bool:
+    """libvirt's storage probe (src/storage_file/storage_file_probe.c, "cow"): a User-mode Linux COW
+    file, magic "OOOM" and version 2, whose header names a backing file libvirt then opens.
+
+    Not a qemu format: the one libvirt probes that qemu does not, so a raw verdict holds there too.
+    """
+    (version,) = struct.unpack_from(">I", ev.head, 4)
+    return ev.head.startswith(b"OOOM") and version == 2
+
+
 # qemu driver name, what its probe recognised (for messages), the probe.
 PROBES: tuple[tuple[str, str, Callable[[Evidence], bool]], ...] = (
     ("bochs", "a Bochs disk image", bochs),
@@ -191,6 +204,7 @@ PROBES: tuple[tuple[str, str, Callable[[Evidence], bool]], ...] = (
     ("vmdk", "a VMDK text descriptor naming files it would open", vmdk_descriptor),
     ("vpc", "a VHD image", vpc),
     ("luks", "a LUKS-encrypted container", luks),
+    ("cow", "a User-mode Linux COW image (libvirt opens the backing file it names)", uml_cow),
 )
 
 
@@ -260,6 +274,7 @@ class Qcow2Header:
     refcount_table_clusters: int
     nb_snapshots: int
     header_length: int  # where header extensions start
+    virtual_size: int
 
     @classmethod
     def parse(cls, data: bytes) -> Qcow2Header:
@@ -271,7 +286,21 @@ class Qcow2Header:
         cluster_bits, crypt_method, l1_size = struct.unpack_from(">I8xII", data, 20)
         refcount_table_clusters, nb_snapshots = struct.unpack_from(">II", data, 56)
         header_length = QCOW2_V2_HEADER if version == 2 else struct.unpack_from(">I", data, 100)[0]
-        return cls(cluster_bits, crypt_method, l1_size, refcount_table_clusters, nb_snapshots, header_length)
+        (virtual_size,) = struct.unpack_from(">Q", data, 24)
+        return cls(
+            cluster_bits,
+            crypt_method,
+            l1_size,
+            refcount_table_clusters,
+            nb_snapshots,
+            header_length,
+            virtual_size,
+        )
+
+    def l1_entries_needed(self) -> int:
+        """L1 entries the virtual size needs: one per L2 table of cluster_size / 8 entries."""
+        covered = (1 << self.cluster_bits) * ((1 << self.cluster_bits) // 8)
+        return -(-self.virtual_size // covered)
 
     def extension_types(self, data: bytes) -> list[int]:
         """The header extensions' types, walked as qemu does: from the header's end to the first cluster's."""

@@ -23,6 +23,7 @@ import functools
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -99,13 +100,25 @@ def binary() -> str:
     return _which(QEMU_IMG, "qemu-utils")
 
 
+def _bound(kind: int, wanted: int) -> str:
+    """`soft:hard` for prlimit: ours, but never above what this process may already use.
+
+    A caller's own `ulimit -v`/`-t` may be lower than our bound; asking for more would make
+    prlimit fail (EPERM) and every image look broken.
+    """
+    soft, hard = resource.getrlimit(kind)
+    value = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    value = value if soft == resource.RLIM_INFINITY else min(value, soft)
+    return f"{value}:{value}"
+
+
 def _command(args: list[str], limits: Limits) -> list[str]:
     """qemu-img behind setpriv (dies with us) and prlimit (bounded), exec'd, never forked twice."""
     bounds = ["--core=0"]
     if limits.address_space:
-        bounds.append(f"--as={limits.address_space}")
+        bounds.append(f"--as={_bound(resource.RLIMIT_AS, limits.address_space)}")
     if limits.cpu_seconds:
-        bounds.append(f"--cpu={limits.cpu_seconds}")
+        bounds.append(f"--cpu={_bound(resource.RLIMIT_CPU, limits.cpu_seconds)}")
     return [
         _which("setpriv", "util-linux"),
         "--pdeathsig",
@@ -142,33 +155,81 @@ def cause(stderr: str) -> str:
 
 def popen(args: list[str], fds: tuple[int, ...], limits: Limits, **kwargs: Any) -> subprocess.Popen[bytes]:
     """Start qemu-img in its own process group (so it can be stopped whole)."""
-    return subprocess.Popen(
-        _command(args, limits),
-        stdin=subprocess.DEVNULL,
-        pass_fds=fds,
-        env=environment(),
-        start_new_session=True,
-        **kwargs,
-    )
+    command = _command(args, limits)
+    try:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            pass_fds=fds,
+            env=environment(),
+            start_new_session=True,
+            **kwargs,
+        )
+    except OSError as exc:  # EMFILE under `ulimit -n`, EAGAIN under a process limit, ENOMEM
+        raise EnvironmentProblem(
+            f"cannot start qemu-img: {exc.strerror or exc}", code="cannot_start"
+        ) from None
+
+
+_STDOUT_CAP = 64 << 20  # info/check JSON of an image we accept is kilobytes
+_STDERR_CAP = 64 << 10  # enough for any message; a crafted image can make qemu print 100 MB
+
+
+def _collect(stream: IO[bytes], cap: int, into: list[bytes], overflow: list[bool]) -> None:
+    """Keep the first `cap` bytes of a pipe and drain the rest, so qemu-img never blocks on it."""
+    kept = 0
+    for chunk in iter(lambda: stream.read(1 << 16), b""):
+        if kept < cap:
+            into.append(chunk[: cap - kept])
+            kept += len(into[-1])
+        if len(chunk) and kept >= cap:
+            overflow[0] = True
+
+
+def _wrapper_failure(stderr: str) -> str | None:
+    """setpriv's or prlimit's own complaint (not qemu-img's): an environment problem."""
+    for line in stderr.splitlines():
+        if line.startswith(("prlimit:", "setpriv:")):
+            return line.strip()
+    return None
 
 
 def run(
     args: list[str], fds: tuple[int, ...] = (), limits: Limits | None = None, ok_codes: tuple[int, ...] = (0,)
 ) -> subprocess.CompletedProcess[str]:
-    """Run qemu-img to completion under `limits` (default: INFO_LIMITS); raise on a limit hit."""
+    """Run qemu-img to completion under `limits` (default: INFO_LIMITS); raise on a limit hit.
+
+    What it prints is bounded too: stdout past 64 MiB is a resource limit, stderr is kept
+    to its first 64 KiB (a crafted image made `qemu-img check` print 100 MB of complaints).
+    """
     limits = limits or INFO_LIMITS
     proc = popen(args, fds, limits, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out: list[bytes] = []
+    err: list[bytes] = []
+    too_much = [False]
+    ignored = [False]
+    readers = [
+        threading.Thread(target=_collect, args=(proc.stdout, _STDOUT_CAP, out, too_much), daemon=True),
+        threading.Thread(target=_collect, args=(proc.stderr, _STDERR_CAP, err, ignored), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
     try:
-        out, err = proc.communicate(timeout=limits.wall_seconds or None)
+        proc.wait(timeout=limits.wall_seconds or None)
+        for reader in readers:
+            reader.join()
     except subprocess.TimeoutExpired:
-        stop(proc)
         raise QemuLimitHit(
             f"qemu-img {args[0]} took longer than {limits.wall_seconds:g} s and was stopped"
         ) from None
-    except BaseException:
+    finally:
         stop(proc)
-        raise
-    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
+    stdout, stderr = b"".join(out).decode(errors="replace"), b"".join(err).decode(errors="replace")
+    wrapper = _wrapper_failure(stderr)
+    if wrapper:
+        raise EnvironmentProblem(f"cannot run qemu-img under its limits: {wrapper}", code="cannot_start")
+    if too_much[0]:
+        raise QemuLimitHit(f"qemu-img {args[0]} printed more than {_STDOUT_CAP >> 20} MiB and was stopped")
     if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU, 128 + signal.SIGKILL) or (
         proc.returncode != 0 and any(sign in stderr for sign in _OUT_OF_MEMORY)
     ):
@@ -319,6 +380,7 @@ def map_extents(
     Ranges are kept as three int64 arrays (24 bytes each) while qemu-img prints, and become
     Extents only once the whole map is known to be within bounds.
     """
+    import gc
     from array import array
 
     args = ["map", "-f", fmt, "--output=json", "--force-share", path]
@@ -357,10 +419,16 @@ def map_extents(
     if proc.returncode != 0:
         raise QemuFailed(f"qemu-img map failed: {cause(stderr) or 'no message'}", proc.returncode, stderr)
     sizes: dict[int, int] = {}  # lengths repeat (whole clusters): one int object each
-    return [
-        Extent(start, sizes.setdefault(length, length), host if host >= 0 else None)
-        for start, length, host in zip(starts, lengths, hosts, strict=True)
-    ]
+    collecting = gc.isenabled()
+    gc.disable()  # up to a million new objects, none in a cycle: collecting meanwhile is 40% of it
+    try:
+        return [
+            Extent(start, sizes.setdefault(length, length), host if host >= 0 else None)
+            for start, length, host in zip(starts, lengths, hosts, strict=True)
+        ]
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def create(path: str, fmt: str, size: int, options: dict[str, str], fds: tuple[int, ...]) -> None:
@@ -435,6 +503,9 @@ def convert_failure(
     if code == 0:
         return None
     text = cause(stderr) or f"exit status {code}"
+    wrapper = _wrapper_failure(stderr)
+    if wrapper:
+        return EnvironmentProblem(f"cannot run qemu-img under its limits: {wrapper}", code="cannot_start")
     if code in (-signal.SIGKILL, -signal.SIGXCPU) or any(s in stderr for s in _OUT_OF_MEMORY):
         return QemuLimitHit(f"qemu-img convert was stopped by a resource limit ({text})")
     if "No space left" in stderr or "Disk quota" in stderr:

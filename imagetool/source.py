@@ -70,6 +70,7 @@ class Source:
     size: int  # bytes in the file
     allocated: int  # bytes the filesystem really stores (st_blocks * 512)
     identity: Identity
+    named: bool = True  # `path` names this file (False for our own output, not yet linked)
 
     @property
     def device(self) -> int:
@@ -89,11 +90,13 @@ class Source:
     def ensure_unchanged(self) -> None:
         """Refuse a result computed from a file that was written, truncated or replaced meanwhile."""
         now = Identity.of(os.fstat(self.fd))
-        try:
-            named = os.lstat(self.path)
-            replaced = (named.st_dev, named.st_ino) != (now.device, now.inode)
-        except OSError:
-            replaced = True
+        replaced = False
+        if self.named:
+            try:
+                st = os.lstat(self.path)
+                replaced = (st.st_dev, st.st_ino) != (now.device, now.inode)
+            except OSError:
+                replaced = True
         if now != self.identity or replaced:
             what = "replaced or removed" if replaced else "written to"
             raise EnvironmentProblem(
@@ -115,14 +118,16 @@ class Source:
         self.close()
 
 
-def _source(path: str, fd: int, st: os.stat_result) -> Source:
-    return Source(path=path, fd=fd, size=st.st_size, allocated=st.st_blocks * 512, identity=Identity.of(st))
+def _source(path: str, fd: int, st: os.stat_result, named: bool = True) -> Source:
+    return Source(
+        path=path, fd=fd, size=st.st_size, allocated=st.st_blocks * 512, identity=Identity.of(st), named=named
+    )
 
 
 def from_descriptor(path: str, fd: int) -> Source:
-    """A Source over a duplicate of a descriptor we already own (e.g. our own output file)."""
+    """A Source over a duplicate of a descriptor we already own (our own output, before it is linked)."""
     dup = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-    return _source(path, dup, os.fstat(dup))
+    return _source(path, dup, os.fstat(dup), named=False)
 
 
 def _reject(path: str, code: str, message: str) -> ImageRejected:

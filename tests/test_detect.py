@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import assert_no_leak, canary, make_qcow2, patch, qemu_img, sparse_raw
+from conftest import SAMPLE, assert_no_leak, canary, make_qcow2, patch, qemu_img, sparse_raw
 from test_probe import (
     bochs_image,
     cloop_image,
@@ -380,3 +380,33 @@ def test_verdicts_agree_with_oslo_detect_file_format(cli, tmp_path):
         elif ours is not None:
             assert ours == oslo[image.name], image.name
     assert oslo["poly.img"].startswith("error")
+
+
+def test_an_l1_table_far_beyond_the_virtual_size_is_refused_before_qemu_img(cli, tmp_path):
+    """Within qemu's 32 MiB bound, 4 Mi L1 entries for a 64 MiB disk made `qemu-img check` print
+    100 MB and take 20 s; an image grown by qemu-img resize still passes."""
+    image = tmp_path / "q.qcow2"
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", SAMPLE, image)
+    with image.open("r+b") as f:
+        f.seek(36)
+        f.write(struct.pack(">I", 4 << 20))
+    started = time.monotonic()
+    result = cli("inspect", image, "--json")
+    assert result.code == 3 and [r["code"] for r in result.json["reasons"]] == ["header_limits"]
+    assert time.monotonic() - started < 5
+    grown = tmp_path / "grown.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", grown, "1M")
+    qemu_img("resize", "-q", grown, "2T")
+    assert cli("inspect", grown).code == 0
+
+
+def test_a_uml_cow_header_is_not_raw(cli, tmp_path):
+    """libvirt's format probe reads "OOOM" v2 as a User-mode Linux COW file and opens the backing
+    file its header names: such a file is not a safe raw disk for every consumer."""
+    header = struct.pack(">II", 0x4F4F4F4D, 2) + b"/etc/passwd".ljust(1024, b"\0")
+    header += struct.pack(">iiQiI", 0, 0, 1 << 20, 512, 0)
+    image = sparse_raw(tmp_path / "cow.raw", 1 << 20, {0: header})
+    result = cli("inspect", image, "--json")
+    assert result.code == 3
+    assert [r["code"] for r in result.json["reasons"]] == ["unsupported_format"]
+    assert "User-mode Linux COW" in result.err

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, qemu_img, slow_input, sparse_raw, start_imagetool
+from conftest import SAMPLE, make_qcow2, qemu_img, slow_input, sparse_raw, start_imagetool
 
 from imagetool import output
 
@@ -107,8 +107,7 @@ def test_convert_refuses_a_hard_link_to_its_input(cli, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change", ["truncate", "grow"])
-@pytest.mark.parametrize("verify", ["--verify", "--no-verify"])
+@pytest.mark.parametrize(("change", "verify"), [("truncate", "--verify"), ("grow", "--no-verify")])
 def test_source_changed_during_convert_keeps_nothing(tmp_path, change, verify):
     src = slow_input(tmp_path)
     out = tmp_path / "out.qcow2"
@@ -141,19 +140,14 @@ def test_sigkill_takes_qemu_img_down_and_a_later_run_removes_the_temp(cli, tmp_p
     while any(alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(pid) for pid in children), "qemu-img outlived imagetool"
-    left = temps(tmp_path)
-    assert len(left) == 1 and not out.exists()
-    old = time.time() - 3600  # the killed writer's file, an hour later
-    os.utime(tmp_path / left[0], (old, old))
-    assert cli("convert", SAMPLE, "-o", out).code == 0
+    assert len(temps(tmp_path)) == 1 and not out.exists()
+    assert cli("convert", SAMPLE, "-o", out).code == 0  # at once: its lock died with its writer
     assert temps(tmp_path) == []
 
 
 def test_a_locked_temp_file_is_never_removed(tmp_path):
     """A temp file whose writer lives (it holds the lock) survives another run's clean-up."""
     with output.pending(tmp_path / "a.json", force=False, inputs=set()) as mine:
-        old = time.time() - 3600
-        os.utime(mine.path, (old, old))
         assert output.remove_stale_temps(tmp_path) == []
         assert mine.path.exists()
 
@@ -354,3 +348,122 @@ def test_qemu_advice_lines_are_not_the_reason(stderr, reason):
     from imagetool import qemu
 
     assert qemu.cause(stderr) == reason
+
+
+# --- found by attacking the first version of these fixes ---------------------------------------
+
+
+@pytest.mark.slow
+def test_inspect_never_calls_a_file_that_changed_meanwhile_safe(tmp_path):
+    """The image turned into a qcow2 with a backing file while qemu-img read it: no verdict."""
+    image = sparse_raw(tmp_path / "chg.raw", 768 * MiB, {0: os.urandom(512 * MiB)})
+    evil = make_qcow2(tmp_path / "evil.qcow2", str(768 * MiB), "-b", "/etc/passwd", "-F", "raw")
+    proc = start_imagetool("inspect", image, "--json")
+    wait_for_fd(proc, image)
+    with image.open("r+b") as f:
+        f.write(evil.read_bytes()[:4096])
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 5, stderr
+    assert json.loads(stdout)["error"]["code"] == "source_changed"
+
+
+def wait_for_fd(proc: subprocess.Popen[str], path: Path) -> None:
+    deadline = time.monotonic() + 20
+    fd_dir = Path(f"/proc/{proc.pid}/fd")
+    while time.monotonic() < deadline:
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+    raise AssertionError(f"{path} was never opened")
+
+
+@pytest.mark.slow
+def test_prepare_interrupted_after_the_qcow2_is_in_place_leaves_no_qcow2(tmp_path, monkeypatch):
+    """A failure after the qcow2 was linked into place removes it again (it is ours)."""
+    from imagetool import prepare as prepare_mod
+    from imagetool.errors import Interrupted
+    from imagetool.metadata import registration
+
+    real = prepare_mod.write_document
+
+    def interrupted_at_the_end(target, doc, **kw):
+        if doc["status"]["state"] == "available":
+            raise Interrupted(signal.SIGTERM)
+        real(target, doc, **kw)
+
+    monkeypatch.setattr(prepare_mod, "write_document", interrupted_at_the_end)
+    out = tmp_path / "o.qcow2"
+    reg = registration(name="web", arch="x86_64", username="ubuntu")
+    with pytest.raises(Interrupted):
+        prepare_mod.prepare(str(SAMPLE), reg, output_path=str(out))
+    assert not out.exists() and temps(tmp_path) == []
+    assert json.loads((tmp_path / "o.qcow2.json").read_text())["status"]["state"] == "failed"
+
+
+def test_a_directory_as_source_is_refused_not_a_crash(cli, tmp_path):
+    for command in (["convert", "/"], ["convert", "."], ["prepare", "/", *REG]):
+        result = cli(*command, "--json")
+        assert result.code == 3 and result.json["error"]["code"] == "not_regular_file", command
+
+
+def test_an_empty_output_name_is_a_usage_error(cli, tmp_path):
+    for command in (["convert", SAMPLE], ["metadata", SAMPLE, *REG], ["prepare", SAMPLE, *REG]):
+        result = cli(*command, "-o", "", "--json")
+        assert result.code == 2 and result.json["error"]["code"] == "bad_output", command
+
+
+def test_a_long_metadata_name_for_prepare_is_a_usage_error(cli, tmp_path):
+    result = cli("prepare", SAMPLE, *REG, "-o", tmp_path / ("p" * 252), "--json")
+    assert result.code == 2 and result.json["error"]["code"] == "name_too_long"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_too_few_file_descriptors_is_an_environment_error(tmp_path):
+    done = imagetool_shell(f'ulimit -n 10; $IMAGETOOL convert "{SAMPLE}" -o "{tmp_path / "n.qcow2"}" --json')
+    assert done.returncode == 5, done.stderr
+    assert json.loads(done.stdout)["schema"] == "imagetool.error/1"
+
+
+def test_a_lower_ulimit_than_ours_is_respected_not_an_image_fault(tmp_path):
+    for limit in ("ulimit -v 1500000", "ulimit -t 20"):
+        done = imagetool_shell(f'{limit}; $IMAGETOOL inspect "{SAMPLE}"')
+        assert done.returncode == 0, (limit, done.stderr)
+
+
+def test_unicode_digits_are_not_sizes(cli, tmp_path):
+    for size in ("\uff15\uff10G", "\u0663G"):
+        result = cli("convert", SAMPLE, "-o", tmp_path / "o.qcow2", "--max-compressed-size", size)
+        assert result.code == 2 and "is not a size" in result.err
+
+
+@pytest.mark.parametrize("value", ["1.0", "1e308", "99999999999999999999"])
+def test_preflight_fails_a_min_ram_that_is_not_an_api_integer(cli, tmp_path, value):
+    image = tmp_path / "s.qcow2"
+    assert cli("prepare", SAMPLE, *REG, "-o", image, "--min-ram", "512").code == 0
+    meta = tmp_path / "s.qcow2.json"
+    meta.write_text(meta.read_text().replace('"min_ram": 512', f'"min_ram": {value}'))
+    result = cli("preflight", image, "--metadata", meta, "--json")
+    assert result.code == 3
+    assert any(c["status"] == "fail" and c["name"].startswith("metadata") for c in result.json["checks"])
+    assert result.err.count("\n") == 1  # one line for the run, however many checks failed
+
+
+@pytest.mark.slow
+def test_a_ignored_hangup_stays_ignored(tmp_path):
+    """`nohup imagetool …` must survive a closed terminal: an ignored SIGHUP stays ignored."""
+    out = tmp_path / "o.qcow2"
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does; children inherit it
+    try:
+        proc = start_imagetool(
+            "convert", slow_input(tmp_path), "-o", out, "--threads", "1", "--progress", "json"
+        )
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    wait_until_writing(proc)
+    proc.send_signal(signal.SIGHUP)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert out.exists()
