@@ -138,6 +138,40 @@ def inspect_cmd(
     return report.exit_code
 
 
+CompressionOpt = Annotated[
+    str, typer.Option(help="zlib (every reader), zstd (much faster; readers need QEMU >= 5.1) or none.")
+]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        help="native (imagetool's own writer: ISA-L/zstd on every core) or qemu (qemu-img convert). "
+        "Inputs the native writer cannot read (compressed clusters) and --compression none use qemu."
+    ),
+]
+LevelOpt = Annotated[
+    int | None, typer.Option(help="Native writer's level: zlib 0-3 (default 3), zstd 1-19 (default 3).")
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(help="Compression threads (native, default: every core) or qemu-img coroutines (8); 1-16."),
+]
+MaxCompressedOpt = Annotated[
+    str, typer.Option(help="Refuse outputs bigger than this (binary units: 50G = 51200M = 53687091200).")
+]
+ProgressOpt = Annotated[
+    str,
+    typer.Option(help="auto (a bar on a terminal, else nothing), bar, json (JSON lines on stderr), none."),
+]
+VerifyOpt = Annotated[
+    bool,
+    typer.Option("--verify/--no-verify", help="Inspect, check and compare the output before keeping it."),
+]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option("--format", "-f", help="The input format you expect; a different content is rejected."),
+]
+
+
 @command("convert")
 def convert_cmd(
     source: Annotated[str, typer.Argument(help="The input disk image (raw, qcow2, vmdk, vdi, vhd, vhdx).")],
@@ -147,31 +181,18 @@ def convert_cmd(
             "--output", "-o", help="Where to write the qcow2 (default: SOURCE with a .qcow2 suffix)."
         ),
     ] = None,
-    compression: Annotated[
-        str, typer.Option(help="zlib (every reader), zstd (much faster; readers need QEMU >= 5.1) or none.")
-    ] = "zlib",
-    threads: Annotated[int, typer.Option(help="qemu-img coroutines working at once (1-16).")] = 8,
-    max_compressed_size: Annotated[
-        str, typer.Option(help="Refuse outputs bigger than this (binary units: 50G = 51200M = 53687091200).")
-    ] = "50G",
-    progress: Annotated[
-        str,
-        typer.Option(
-            help="auto (a bar on a terminal, else nothing), bar, json (JSON lines on stderr), none."
-        ),
-    ] = "auto",
-    verify: Annotated[
-        bool,
-        typer.Option("--verify/--no-verify", help="Inspect, check and compare the output before keeping it."),
-    ] = True,
+    compression: CompressionOpt = "zlib",
+    engine: EngineOpt = "native",
+    level: LevelOpt = None,
+    threads: ThreadsOpt = None,
+    max_compressed_size: MaxCompressedOpt = "50G",
+    progress: ProgressOpt = "auto",
+    verify: VerifyOpt = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     estimate_only: Annotated[
         bool, typer.Option("--estimate-only", help="Only predict the compressed size; write nothing.")
     ] = False,
-    format: Annotated[
-        str | None,
-        typer.Option("--format", "-f", help="The input format you expect; a different content is rejected."),
-    ] = None,
+    format: FormatOpt = None,
     json_out: JsonOpt = False,
 ) -> int:
     """Convert a disk image to sparse, compressed qcow2, within the size limit."""
@@ -187,7 +208,9 @@ def convert_cmd(
             source,
             output,
             compression=compression,
-            coroutines=threads,
+            engine=engine,
+            level=level,
+            threads=threads,
             limit=limit,
             verify=verify,
             force=force,
@@ -288,13 +311,15 @@ def prepare_cmd(
             help="The qcow2 to write (default: SOURCE with .qcow2); its JSON is OUTPUT.json.",
         ),
     ] = None,
-    compression: Annotated[str, typer.Option(help="zlib, zstd or none.")] = "zlib",
-    threads: Annotated[int, typer.Option(help="qemu-img coroutines (1-16).")] = 8,
-    max_compressed_size: Annotated[str, typer.Option(help="Size limit of the qcow2.")] = "50G",
-    progress: Annotated[str, typer.Option(help="auto, bar, json or none.")] = "auto",
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Verify the output.")] = True,
+    compression: CompressionOpt = "zlib",
+    engine: EngineOpt = "native",
+    level: LevelOpt = None,
+    threads: ThreadsOpt = None,
+    max_compressed_size: MaxCompressedOpt = "50G",
+    progress: ProgressOpt = "auto",
+    verify: VerifyOpt = True,
     force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
-    format: Annotated[str | None, typer.Option("--format", "-f", help="The input format you expect.")] = None,
+    format: FormatOpt = None,
     json_out: JsonOpt = False,
 ) -> int:
     """The main job: inspect, convert (50 GB gate), verify, and write the metadata."""
@@ -324,7 +349,9 @@ def prepare_cmd(
             server_disk=_size_or_none(server_disk),
             force=force,
             compression=compression,
-            coroutines=threads,
+            engine=engine,
+            level=level,
+            threads=threads,
             limit=limit,
             verify=verify,
             claimed_format=format,

@@ -1,10 +1,11 @@
 """Predict the size of the compressed qcow2 before converting (the 50 GB gate, step 1).
 
-qemu compresses each cluster on its own: zlib as raw deflate with a 4 KiB window
-(`deflateInit2(level 6, -12, memLevel 9)`), or zstd at its default level; a
-cluster that does not shrink below `cluster_size - 1` is stored whole, and an
-all-zero cluster is not stored at all (`-S 4k`). So a uniform random sample of
-the clusters that hold data, compressed exactly that way, gives an unbiased
+A qcow2 writer compresses each cluster on its own: zlib as raw deflate with a 4 KiB
+window (qemu-img: `deflateInit2(level 6, -12, memLevel 9)`; the native writer:
+ISA-L at its level), or zstd; a cluster that does not shrink below
+`cluster_size - 1` is stored whole, and an all-zero cluster is not stored at all.
+So a uniform random sample of the clusters that hold data, compressed by the very
+encoder that will write them (imagetool.codecs), gives an unbiased
 estimate of the data part; qcow2 metadata (header, L1/L2, refcounts) is
 computed from the layout. The bound is a 99.7% (3 sigma) interval of the
 sample mean, plus the packing slack above it (packing only ever adds).
@@ -18,11 +19,11 @@ import bisect
 import math
 import os
 import random
-import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from imagetool.codecs import encoder
 from imagetool.sizes import Extent
 
 MIN_SAMPLES = 256  # whole clusters (zstd); zlib samples 64 KiB slices, so it takes 2x as many
@@ -52,37 +53,29 @@ ZLIB_SLICE = 64 * 1024
 
 
 def compressor(
-    compression: str, cluster_size: int, whole: bool = False
+    codec: str, cluster_size: int, whole: bool = False, level: int | None = None
 ) -> Callable[[bytes, random.Random], int]:
-    """A function giving (an unbiased estimate of) the bytes qemu stores for one cluster.
+    """A function giving (an unbiased estimate of) the bytes stored for one cluster by `codec`.
 
-    `whole` compresses zlib clusters whole instead of by one slice (exact, 4x dearer).
+    `codec` is the encoder that will write the output (imagetool.codecs: `zlib` for the
+    native writer's ISA-L, `zlib-qemu` for qemu-img's, `zstd`), or `none`. `whole`
+    compresses deflate clusters whole instead of by one slice (exact, 4x dearer).
     """
     limit = cluster_size - 1
-    if compression == "none":
+    if codec == "none":
         return lambda data, rng: cluster_size
-    if compression == "zstd":
-        import zstandard
+    engine = encoder(codec, level)
+    slices = 1 if whole or engine.compression_type != "zlib" else max(1, cluster_size // ZLIB_SLICE)
 
-        def zstd_size(data: bytes, rng: random.Random) -> int:
-            # A context per call: compressors are not thread-safe; creating one is cheap.
-            out = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(data)
-            return len(out) if len(out) < limit else cluster_size
-
-        return zstd_size
-
-    slices = 1 if whole else max(1, cluster_size // ZLIB_SLICE)
-
-    def zlib_size(data: bytes, rng: random.Random) -> int:
-        # qemu's deflate keeps a 4 KiB window, so a cluster compresses as the sum of its
-        # parts: one random 64 KiB slice, scaled, is unbiased and 4x cheaper to compress.
+    def stored_size(data: bytes, rng: random.Random) -> int:
+        # A 4 KiB deflate window makes a cluster compress as the sum of its parts: one
+        # random 64 KiB slice, scaled, is unbiased and 4x cheaper to compress.
         start = rng.randrange(slices) * ZLIB_SLICE if slices > 1 else 0
         part = data[start : start + ZLIB_SLICE] if slices > 1 else data
-        engine = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
-        scaled = len(engine.compress(part) + engine.flush()) * (len(data) // len(part))
+        scaled = len(engine.compress(part)) * (len(data) // len(part))
         return scaled if scaled < limit else cluster_size
 
-    return zlib_size
+    return stored_size
 
 
 def metadata_bytes(
@@ -113,7 +106,9 @@ class GuestReader:
             lo, hi = max(offset, e.start), min(offset + length, e.start + e.length)
             if lo < hi:
                 assert e.host is not None, "GuestReader needs readable extents"
-                out[lo - offset : hi - offset] = os.pread(self.fd, hi - lo, e.host + lo - e.start)
+                got = os.pread(self.fd, hi - lo, e.host + lo - e.start)
+                # A short read (the file shrank) leaves zeros: the caller's identity check refuses it.
+                out[lo - offset : lo - offset + len(got)] = got
             i += 1
         return bytes(out)
 
@@ -151,9 +146,15 @@ def ceiling(extents: list[Extent], virtual_size: int, cluster_size: int, compres
 
 
 def estimate(
-    reader: GuestReader, virtual_size: int, cluster_size: int, compression: str, seed: int = 0
+    reader: GuestReader,
+    virtual_size: int,
+    cluster_size: int,
+    codec: str,
+    seed: int = 0,
+    level: int | None = None,
 ) -> Estimate:
-    """Estimate the compressed qcow2 size of the guest data `reader` gives."""
+    """Estimate the compressed qcow2 size of the guest data `reader` gives, written by `codec`."""
+    compression = "zlib" if codec.startswith("zlib") else codec
     clusters = data_clusters(reader.extents, cluster_size)
     total = len(clusters)
     scale = 2 if compression == "zlib" else 1  # a zlib slice costs a quarter of a cluster
@@ -164,7 +165,7 @@ def estimate(
     start = random.Random(seed).random() * step
     sample = clusters if wanted == total else [clusters[int(start + i * step)] for i in range(wanted)]
     whole = compression != "zlib" or wanted == total  # small inputs: every cluster, whole
-    size_of = compressor(compression, cluster_size, whole)
+    size_of = compressor(codec, cluster_size, whole, level)
     zero = bytes(cluster_size)
 
     def stored(cluster: int) -> int:

@@ -109,14 +109,16 @@ def prepare(
     server_disk: int | None = None,
     force: bool = False,
     compression: str = "zlib",
-    coroutines: int = 8,
+    engine: str = "native",
+    level: int | None = None,
+    threads: int | None = None,
     limit: int = DEFAULT_LIMIT,
     verify: bool = True,
     claimed_format: str | None = None,
     progress: Callback | None = None,
 ) -> tuple[Path, Path, MetadataDocument, ConvertResult]:
     """Convert `source` and write its registration metadata; returns (qcow2, json, document, result)."""
-    check_options(compression, coroutines, limit)
+    check_options(compression, threads, limit, engine, level)
     with open_source(source) as src:  # a directory, FIFO or missing file is refused first
         inputs = {(src.device, src.inode)}
     target = Path(output_path) if output_path is not None else default_output(source)
@@ -166,7 +168,9 @@ def prepare(
             source,
             str(target),
             compression=compression,
-            coroutines=coroutines,
+            engine=engine,
+            level=level,
+            threads=threads,
             limit=limit,
             verify=verify,
             force=force,

@@ -133,6 +133,15 @@ def inspect_text(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _engine(result: ConvertResult) -> str:
+    writer = result.writer
+    if writer is None:
+        return ""
+    return (
+        f" by imagetool's writer on {writer.threads} threads" if writer.engine == "native" else " by qemu-img"
+    )
+
+
 def convert_text(result: ConvertResult) -> str:
     est = result.estimate
     if est and est.method == "ceiling":
@@ -158,7 +167,7 @@ def convert_text(result: ConvertResult) -> str:
         )
     lines = [
         f"{clean(result.source)} -> {clean(result.output)}: {human(result.output_size)} "
-        f"({result.compression}, {result.cluster_size // 1024} KiB clusters"
+        f"({result.compression}{_engine(result)}, {result.cluster_size // 1024} KiB clusters"
         f"{', verified' if result.verified else ', not verified'})",
         f"  virtual_size   {_size(result.virtual_size)}",
         f"  disk_size      {_size(result.disk_size)}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -272,11 +273,30 @@ def test_disk_full_leaves_nothing(cli, tmp_path, monkeypatch):
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
     out = tmp_path / "out.qcow2"
-    result = cli("convert", SAMPLE, "-o", out, "--json")
+    result = cli("convert", SAMPLE, "-o", out, "--engine", "qemu", "--json")
     assert result.code == 5
     assert result.json["error"]["code"] == "disk_full"
     assert "disk full" in result.err
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_disk_full_in_the_native_writer_leaves_nothing(cli, tmp_path, monkeypatch):
+    """ENOSPC injected into the native writer's second write (a full disk can't be had on demand)."""
+    from imagetool import qcow2
+
+    real, calls = os.pwrite, [0]
+
+    def full_after_one(fd, data, offset):
+        calls[0] += 1
+        if calls[0] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(qcow2.os, "pwrite", full_after_one)
+    out = tmp_path / "out.qcow2"
+    result = cli("convert", SAMPLE, "-o", out, "--json")
+    assert result.code == 5 and result.json["error"]["code"] == "disk_full"
+    assert calls[0] > 1 and not out.exists() and leftovers(tmp_path) == []
 
 
 def test_free_space_checked_up_front(cli, tmp_path, monkeypatch):
@@ -332,7 +352,17 @@ def test_bad_options_are_usage_errors(cli, tmp_path, args, words):
 def test_interrupt_mid_run_removes_partial_output(tmp_path, sig):
     out = tmp_path / "out.qcow2"
     proc = start_imagetool(
-        "convert", slow_input(tmp_path), "-o", out, "--threads", "1", "--progress", "json", "--json"
+        "convert",
+        slow_input(tmp_path),
+        "-o",
+        out,
+        "--engine",
+        "qemu",
+        "--threads",
+        "1",
+        "--progress",
+        "json",
+        "--json",
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 30

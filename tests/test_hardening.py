@@ -112,7 +112,18 @@ def test_source_changed_during_convert_keeps_nothing(tmp_path, change, verify):
     src = slow_input(tmp_path)
     out = tmp_path / "out.qcow2"
     proc = start_imagetool(
-        "convert", src, "-o", out, "--threads", "1", "--progress", "json", "--json", verify
+        "convert",
+        src,
+        "-o",
+        out,
+        "--engine",
+        "qemu",
+        "--threads",
+        "1",
+        "--progress",
+        "json",
+        "--json",
+        verify,
     )
     wait_until_writing(proc)
     with src.open("r+b") as f:
@@ -130,7 +141,9 @@ def test_source_changed_during_convert_keeps_nothing(tmp_path, change, verify):
 @pytest.mark.slow
 def test_sigkill_takes_qemu_img_down_and_a_later_run_removes_the_temp(cli, tmp_path):
     out = tmp_path / "out.qcow2"
-    proc = start_imagetool("convert", slow_input(tmp_path), "-o", out, "--threads", "1", "--progress", "json")
+    proc = start_imagetool(
+        "convert", slow_input(tmp_path), "-o", out, "--engine", "qemu", "--threads", "1", "--progress", "json"
+    )
     wait_until_writing(proc)
     children = qemu_children(proc.pid)
     assert children, "qemu-img should be running"
@@ -458,7 +471,16 @@ def test_a_ignored_hangup_stays_ignored(tmp_path):
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does; children inherit it
     try:
         proc = start_imagetool(
-            "convert", slow_input(tmp_path), "-o", out, "--threads", "1", "--progress", "json"
+            "convert",
+            slow_input(tmp_path),
+            "-o",
+            out,
+            "--engine",
+            "qemu",
+            "--threads",
+            "1",
+            "--progress",
+            "json",
         )
     finally:
         signal.signal(signal.SIGHUP, previous)

@@ -49,7 +49,9 @@ def test_prepare_json_is_the_document(cli, tmp_path):
 
 def test_metadata_says_creating_while_it_works(tmp_path):
     meta = tmp_path / "big.qcow2.json"
-    proc = start_imagetool("prepare", slow_input(tmp_path), *REG, "--threads", "1", "--progress", "none")
+    proc = start_imagetool(
+        "prepare", slow_input(tmp_path), *REG, "--engine", "qemu", "--threads", "1", "--progress", "none"
+    )
     states = []
     while proc.poll() is None:
         if meta.exists():
