@@ -56,7 +56,7 @@ lint: setup
 
 bench: setup
 	@command -v hyperfine >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq hyperfine >/dev/null; }
-	cd bench && ../$(BIN)/python inspect_bench.py && ../$(BIN)/python convert_bench.py && ../$(BIN)/python writer_bench.py
+	cd bench && ../$(BIN)/python inspect_bench.py && ../$(BIN)/python convert_bench.py && ../$(BIN)/python disk_size_bench.py && ../$(BIN)/python writer_bench.py
 
 clean:
 	rm -rf $(VENV) bench/work build .pytest_cache

@@ -61,9 +61,16 @@ def build_mixed(path: Path, virtual: int, data: int, seed: int = 1) -> Path:
 
 
 def hyperfine(
-    commands: dict[str, str], runs: int = 5, warmup: int = 1, prepare: str | None = None
+    commands: dict[str, str],
+    runs: int = 5,
+    warmup: int = 1,
+    prepare: str | None = None,
+    ignore_failure: bool = False,
 ) -> dict[str, float]:
-    """Median wall seconds of each command, measured side by side in one hyperfine run."""
+    """Median wall seconds of each command, measured side by side in one hyperfine run.
+
+    `ignore_failure` times commands that are meant to exit non-zero (an image refused: exit 3).
+    """
     need("hyperfine")
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         args = [
@@ -79,7 +86,9 @@ def hyperfine(
             out.name,
         ]
         if prepare:
-            args[1:2] = ["--prepare", prepare]
+            args[1:1] = ["--prepare", prepare]
+        if ignore_failure:
+            args.append("--ignore-failure")
         for name, cmd in commands.items():
             args += ["-n", name, cmd]
         subprocess.run(args, check=True, stdout=subprocess.DEVNULL)

@@ -15,7 +15,7 @@ from typing import Any
 from imagetool import qemu
 from imagetool.detect import ACCEPTED_FORMATS, detect, normalize_format
 from imagetool.errors import ImageRejected, Reason, UsageProblem, exit_code_for
-from imagetool.policy import MAX_VIRTUAL_SIZE
+from imagetool.policy import MAX_MAP_EXTENTS, MAX_VIRTUAL_SIZE
 from imagetool.sizes import BLOCK, Extent, count_nonzero_bytes, count_nonzero_ranges, to_mib
 from imagetool.source import Source, open_source
 
@@ -289,6 +289,20 @@ def _check_qcow2(src: Source, qcow2: Qcow2Facts, found: _Findings) -> Qcow2Facts
             Reason(
                 "leaked_clusters", f"{result.get('leaks', 'some')} leaked cluster(s): harmless wasted space"
             )
+        )
+    # Each fragmented cluster that is not compressed starts a `qemu-img map` line of its own, so
+    # check's count alone can show the map is over the bound: refused without running map.
+    fragmented = _count(result, "fragmented-clusters") - _count(result, "compressed-clusters")
+    if fragmented > MAX_MAP_EXTENTS:
+        found.add(
+            [
+                Reason(
+                    "too_fragmented",
+                    f"qemu-img check counts {fragmented} fragmented clusters, so its map has more than "
+                    f"{MAX_MAP_EXTENTS} ranges: too fragmented to inspect in bounded time "
+                    "(a crafted image, or one to defragment with qemu-img convert first)",
+                )
+            ]
         )
     return replace(
         qcow2,

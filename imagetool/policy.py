@@ -20,9 +20,18 @@ MAX_VIRTUAL_SIZE = 4 * TiB
 MAX_DISK_SIZE = 50 * GiB
 
 # Work a hostile file can cause, bounded before it is done (reason in brackets, exit 3).
-# `qemu-img map` lines an image may have [too_fragmented]: a 50 GB disk written by a real guest
-# has tens of thousands; a crafted 36 KiB qcow2 can claim millions.
-MAX_MAP_EXTENTS = 1_000_000
+# `qemu-img map` lines an image may have [too_fragmented]. What it costs: qemu-img prints ~2 us
+# a line, imagetool parses alongside (~1.5 us, 24 bytes kept a line), then keeps ~130 bytes and
+# spends ~3 us (Extent, disk_size scan) per data range (bench/disk_size_bench.py, 2 shared
+# cores): at 500,000 a crafted map is refused in 2-3 s and 60 MB, and an image just under it
+# is inspected in 4-5 s and 125 MB; at 1,000,000 that was 7-10 s and 200 MB. What honest disks
+# have: a line covers at least one cluster, and disks written by real guests have tens of
+# thousands; 500,000 lines hold 30 GiB of qcow2's (or VMDK's) 64 KiB clusters with no two
+# adjacent in the file, or any 50 GiB of them where fewer than 61% start a new run (VDI, VHD
+# and VHDX blocks are 1 MiB or more: 50 GiB is at most 51,200). Past it, `qemu-img convert`
+# makes a defragmented copy. A crafted 36 KiB qcow2 (every L2 entry pointing at one cluster)
+# claims 1,048,576 (tests/test_fragmented.py).
+MAX_MAP_EXTENTS = 500_000
 # qcow2 header counts that make qemu-img itself slow or greedy [header_limits]:
 MAX_QCOW2_SNAPSHOTS = 1024
 MAX_QCOW2_L1_BYTES = 32 * MiB  # qemu's own QCOW_MAX_L1_SIZE

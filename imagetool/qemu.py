@@ -386,7 +386,7 @@ def map_extents(
     args = ["map", "-f", fmt, "--output=json", "--force-share", path]
     proc = popen(args, fds, CHECK_LIMITS, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     errors: list[bytes] = []
-    drain = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    drain = threading.Thread(target=_collect, args=(proc.stderr, _STDERR_CAP, errors, [False]), daemon=True)
     drain.start()
     expired = threading.Event()
 
@@ -414,8 +414,16 @@ def map_extents(
     if expired.is_set():
         raise QemuLimitHit(f"qemu-img map took longer than {CHECK_LIMITS.wall_seconds:g} s and was stopped")
     stderr = b"".join(errors).decode(errors="replace")
-    if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU):
-        raise QemuLimitHit("qemu-img map was stopped by a resource limit")
+    wrapper = _wrapper_failure(stderr)
+    if wrapper:
+        raise EnvironmentProblem(f"cannot run qemu-img under its limits: {wrapper}", code="cannot_start")
+    if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU, 128 + signal.SIGKILL) or (
+        proc.returncode != 0 and any(sign in stderr for sign in _OUT_OF_MEMORY)
+    ):
+        raise QemuLimitHit(
+            f"qemu-img map was stopped by a resource limit ({CHECK_LIMITS.address_space >> 20} MiB memory, "
+            f"{CHECK_LIMITS.cpu_seconds} s CPU)"
+        )
     if proc.returncode != 0:
         raise QemuFailed(f"qemu-img map failed: {cause(stderr) or 'no message'}", proc.returncode, stderr)
     sizes: dict[int, int] = {}  # lengths repeat (whole clusters): one int object each

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,18 @@ from conftest import sparse_raw
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imagetool import sizes
 from imagetool.errors import UsageProblem
-from imagetool.sizes import BLOCK, GiB, MiB, count_nonzero_bytes, count_zero_blocks, parse_size, to_mib
+from imagetool.sizes import (
+    BLOCK,
+    GiB,
+    MiB,
+    count_nonzero_bytes,
+    count_nonzero_ranges,
+    count_zero_blocks,
+    parse_size,
+    to_mib,
+)
 
 
 def naive_nonzero(data: bytes) -> int:
@@ -44,7 +55,11 @@ def test_bad_sizes(text):
 @given(st.integers(min_value=0, max_value=1 << 50), st.sampled_from(["", "K", "M", "G", "T"]))
 def test_parse_size_matches_multiplier(n, unit):
     factor = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
-    assert parse_size(f"{n}{unit}") == n * factor
+    if n * factor < 1 << 63:
+        assert parse_size(f"{n}{unit}") == n * factor
+    else:  # more than a file offset can hold
+        with pytest.raises(UsageProblem):
+            parse_size(f"{n}{unit}")
 
 
 @given(st.integers(min_value=0, max_value=1 << 60))
@@ -99,3 +114,71 @@ def test_scan_matches_definition_on_random_sparse_files(tmp_path, data):
 def test_big_sparse_file_costs_nothing(tmp_path):
     image = sparse_raw(tmp_path / "big.raw", 64 * GiB, {32 * GiB: b"data"})
     assert scan(image) == BLOCK
+
+
+def ranges_by_definition(data: bytes, ranges: list[tuple[int, int]]) -> int:
+    """Each range on its own, blocks from its start; bytes past the end of the file are zeros."""
+    return sum(naive_nonzero(data[offset : offset + length]) for offset, length in ranges)
+
+
+def count_ranges(path: Path, ranges: list[tuple[int, int]]) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return count_nonzero_ranges(fd, iter(ranges))
+    finally:
+        os.close(fd)
+
+
+@given(st.data())
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_ranges_count_each_range_from_its_own_start(tmp_path, data):
+    """Mapped ranges: unsorted, overlapping, unaligned, past the end of the file, longer than a read."""
+    size = data.draw(st.integers(1, 9 * MiB))
+    writes = data.draw(
+        st.dictionaries(
+            st.integers(0, size - 1),
+            st.one_of(st.binary(min_size=1, max_size=9000), st.builds(bytes, st.integers(1, 70000))),
+            max_size=10,
+        )
+    )
+    image = sparse_raw(tmp_path / "m.raw", size, writes)
+    offsets = st.integers(0, size + BLOCK)
+    ranges = data.draw(
+        st.lists(
+            st.tuples(offsets, st.one_of(st.integers(1, 3 * BLOCK), st.integers(1, 9 * MiB))), max_size=12
+        )
+    )
+    ranges += [ranges[0]] * data.draw(st.integers(0, 3)) if ranges else []  # shared host bytes
+    assert count_ranges(image, ranges) == ranges_by_definition(image.read_bytes(), ranges)
+
+
+@pytest.mark.parametrize("gap", [0, BLOCK, 64 * 1024, 8 * MiB])
+def test_gap_changes_the_reads_not_the_count(tmp_path, monkeypatch, gap):
+    rng = random.Random(gap)
+    writes = {
+        rng.randrange(32 * MiB): rng.choice([rng.randbytes(5000), b"\x07", bytes(9000)]) for _ in range(300)
+    }
+    image = sparse_raw(tmp_path / "g.raw", 32 * MiB + 77, writes)
+    ranges = [(rng.randrange(32 * MiB), rng.randrange(1, 3 * BLOCK)) for _ in range(500)]
+    ranges.sort()
+    expected = naive_nonzero(image.read_bytes()), ranges_by_definition(image.read_bytes(), ranges)
+    monkeypatch.setattr(sizes, "GAP", gap)
+    assert (scan(image), count_ranges(image, ranges)) == expected
+
+
+def test_many_ranges_cost_little_memory(tmp_path):
+    """Work is queued a few batches at a time: 40,000 ranges never sit in memory at once."""
+    image = sparse_raw(tmp_path / "f.raw", 64 * MiB, {i: b"\x01" for i in range(0, 64 * MiB, 32 * 1024)})
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        ranges = ((i % (64 * MiB), 512) for i in range(0, 40_000 * 4096, 4096))  # a generator
+        tracemalloc.start()
+        try:
+            counted = count_nonzero_ranges(fd, ranges)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    finally:
+        os.close(fd)
+    assert counted == sum(BLOCK for i in range(40_000) if i * 4096 % (32 * 1024) == 0)
+    assert peak < 8 * MiB + 2 * sizes._CHUNK  # the two threads' read buffers, and little else
