@@ -154,3 +154,26 @@ def test_qemu_io_reads_the_right_bytes(cli, tmp_path, disk):
             for h in line.split(":", 1)[1].split()[:16]
         )
         assert dumped == expected, offset
+
+
+def test_a_signal_mid_write_removes_everything(tmp_path, disk, monkeypatch):
+    """SIGTERM while the native writer runs (raised from its own progress report): unwinds, no file."""
+    import os
+    import signal
+    import threading
+
+    from imagetool import qcow2, signals
+    from imagetool.convert import convert
+    from imagetool.errors import Interrupted
+
+    monkeypatch.setattr(qcow2, "PROGRESS_SECONDS", 0.0)  # report after every cluster
+    out = tmp_path / "o.qcow2"
+    before = threading.active_count()
+
+    def progress(p):
+        if p.done < p.total:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with signals.unwinding(), pytest.raises(Interrupted):
+        convert(str(disk), str(out), threads=2, progress=progress, verify=False)
+    assert list(tmp_path.iterdir()) == [] and threading.active_count() == before
