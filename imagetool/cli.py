@@ -371,6 +371,112 @@ def prepare_cmd(
     return 0
 
 
+@command("snapshot")
+def snapshot_cmd(
+    disk: Annotated[str, typer.Argument(help="The stopped VM's disk (qcow2 or raw; the top of its chain).")],
+    name: NameOpt = None,
+    arch: ArchOpt = None,
+    mode: ModeOpt = "virtio",
+    username: UserOpt = None,
+    public: PublicOpt = False,
+    description: DescOpt = None,
+    min_ram: MinRamOpt = None,
+    url: UrlOpt = None,
+    server_disk: ServerDiskOpt = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output", "-o", help="The qcow2 to write (default: DISK with .qcow2); its JSON is OUTPUT.json."
+        ),
+    ] = None,
+    snapshot_name: Annotated[
+        str | None,
+        typer.Option("--snapshot", help="Export this internal snapshot (name or id), not the current state."),
+    ] = None,
+    list_only: Annotated[
+        bool, typer.Option("--list", help="List the disk's internal snapshots; write nothing.")
+    ] = False,
+    allow_backing_dir: Annotated[
+        list[str] | None,
+        typer.Option("--allow-backing-dir", help="Also follow backing files in this directory (repeatable)."),
+    ] = None,
+    force_share: Annotated[
+        bool,
+        typer.Option("--force-share", help="Copy a disk a running VM uses (the copy may be inconsistent)."),
+    ] = False,
+    allow_device: Annotated[
+        bool, typer.Option("--allow-device", help="Accept a block device (an LVM volume) as the disk.")
+    ] = False,
+    compression: CompressionOpt = "zlib",
+    engine: EngineOpt = "native",
+    level: LevelOpt = None,
+    threads: ThreadsOpt = None,
+    max_compressed_size: MaxCompressedOpt = "50G",
+    progress: ProgressOpt = "auto",
+    verify: VerifyOpt = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
+    json_out: JsonOpt = False,
+) -> int:
+    """Flatten a stopped VM's disk (and its backing chain) into an image, with its metadata."""
+    from imagetool import render
+    from imagetool.metadata import registration
+    from imagetool.progress import renderer
+    from imagetool.sizes import parse_size
+    from imagetool.snapshot import list_snapshots, snapshot
+
+    allowed = tuple(allow_backing_dir or ())
+    if list_only:
+        found = list_snapshots(disk, allowed, allow_device)
+        if json_out:
+            render.emit_json({"schema": "imagetool.snapshots/1", "disk": disk, "snapshots": found})
+        else:
+            render.say(render.snapshots_text(disk, found))
+        return 0
+    reg = registration(
+        name=name,
+        arch=arch,
+        mode=mode,
+        username=username,
+        public=public,
+        description=description,
+        min_ram=min_ram,
+        url=url,
+    )
+    limit = parse_size(max_compressed_size)
+    show = renderer(progress, "snapshotting")
+    try:
+        _qcow2, meta, doc, result = snapshot(
+            disk,
+            reg,
+            output_path=output,
+            allowed_dirs=allowed,
+            snapshot_name=snapshot_name,
+            force_share=force_share,
+            allow_device=allow_device,
+            server_disk=_size_or_none(server_disk),
+            force=force,
+            compression=compression,
+            engine=engine,
+            level=level,
+            threads=threads,
+            limit=limit,
+            verify=verify,
+            progress=show,
+        )
+    finally:
+        show.close()
+    for note in reg.notes:
+        render.note_line(note)
+    if json_out:
+        render.emit_json(doc)
+    else:
+        render.say(render.convert_text(result))
+        render.say(render.metadata_text(meta, doc))
+    for warning in result.warnings:
+        render.warning_line(result.source, warning)
+    return 0
+
+
 @command("preflight")
 def preflight_cmd(
     image: Annotated[str, typer.Argument(help="The image about to be uploaded.")],

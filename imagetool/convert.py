@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ def default_output(source: str) -> Path:
     return Path(source).with_suffix(".qcow2")
 
 
-def _guest_extents(src: Source, report: Report, data_map: list[Extent] | None) -> list[Extent]:
+def guest_extents(src: Source, report: Report, data_map: list[Extent] | None) -> list[Extent]:
     """Where the guest's data lives in the input file (host None: only qemu can read it)."""
     if report.format == "raw":
         return [Extent(s, e - s, s) for s, e in data_extents(src.fd, src.size)]
@@ -176,47 +176,44 @@ def _check_free_space(directory: Path, needed: int) -> None:
         )
 
 
-def _run_convert(
-    src: Source,
-    report: Report,
-    out: outputs.Pending,
-    *,
-    compress: bool,
-    coroutines: int,
-    limit: int,
-    progress: Callback | None,
-) -> None:
+def _run_convert(inp: Input, out: outputs.Pending, writer: Writer, opts: Options) -> None:
     """Run qemu-img convert; report progress, watch the output size, stop it past the limit."""
-    total = int(report.virtual_size or 0)
+    total = int(inp.report.virtual_size or 0)
     started = time.monotonic()
     job = qemu.ConvertJob(
-        src.proc_path,
-        str(report.format),
+        inp.qemu_name,
+        inp.qemu_format,
         out.proc_path,
-        compress=compress,
-        coroutines=coroutines,
-        fds=(src.fd, out.fd),
+        compress=opts.compression != "none",
+        coroutines=writer.threads,
+        fds=(*inp.fds, out.fd),
+        snapshot=inp.snapshot,
     )
     with job:
         while job.running(_POLL):
             written = out.size()
-            if written > limit:  # gate 2: don't spend an hour on a doomed job
+            if written > opts.limit:  # gate 2: don't spend an hour on a doomed job
                 raise SizeLimitExceeded(
-                    f"output grew past the limit of {human(limit)} at {job.percent:.0f}% of the "
+                    f"output grew past the limit of {human(opts.limit)} at {job.percent:.0f}% of the "
                     "disk; stopped, nothing was written",
                     path=str(out.target),
                 )
-            if progress:
-                progress(Progress(int(total * job.percent / 100), total, time.monotonic() - started, written))
-    failure = job.failure(src.path, str(out.target))
+            if opts.progress:
+                done = int(total * job.percent / 100)
+                opts.progress(Progress(done, total, time.monotonic() - started, written))
+    failure = job.failure(inp.source, str(out.target))
     if failure is not None:
         raise failure
-    if progress:
-        progress(Progress(total, total, time.monotonic() - started, out.size()))
+    if opts.progress:
+        opts.progress(Progress(total, total, time.monotonic() - started, out.size()))
 
 
-def _verify(src: Source, report: Report, out: outputs.Pending) -> Report:
-    """The output must pass the inspector (with a clean check) and hold exactly the input's disk."""
+def _verify(inp: Input, out: outputs.Pending) -> tuple[Report, bool]:
+    """The output must pass the inspector (with a clean check) and hold exactly the input's disk.
+
+    Returns the output's report and whether it was compared (an internal snapshot can't be).
+    """
+    report = inp.report
     with from_descriptor(str(out.target), out.fd) as written:
         result = inspect_source(written, "qcow2", max(DEFAULT_MAX_VIRTUAL_SIZE, report.virtual_size or 0))
         problems = [*result.reasons, *(w for w in result.warnings if w.code == "leaked_clusters")]
@@ -224,15 +221,17 @@ def _verify(src: Source, report: Report, out: outputs.Pending) -> Report:
             raise VerifyFailed(f"verification failed: the output is not clean qcow2: {problems[0].message}")
         if result.virtual_size != report.virtual_size:
             raise VerifyFailed("verification failed: output and input virtual sizes differ")
+        if inp.snapshot is not None:
+            return result, False
         try:
             same = qemu.compare(
-                src.proc_path, str(report.format), written.proc_path, "qcow2", (src.fd, written.fd)
+                inp.qemu_name, inp.qemu_format, written.proc_path, "qcow2", (*inp.fds, written.fd)
             )
         except qemu.QemuFailed as exc:
             raise VerifyFailed(f"verification failed: {exc.message}") from None
     if not same:
-        raise VerifyFailed("verification failed: the output differs from the input", path=src.path)
-    return result
+        raise VerifyFailed("verification failed: the output differs from the input", path=inp.source)
+    return result, True
 
 
 def check_options(
@@ -326,6 +325,56 @@ def _write_native(
         raise outputs.os_error(exc, out.target) from None
 
 
+@dataclass(frozen=True)
+class Options:
+    """How to convert: the same for `convert`, `prepare` and `snapshot`."""
+
+    compression: str = "zlib"
+    threads: int | None = None
+    engine: str = "native"
+    level: int | None = None
+    limit: int = DEFAULT_LIMIT
+    verify: bool = True
+    force: bool = False
+    estimate_only: bool = False
+    progress: Callback | None = None
+    on_start: Callable[[Report], None] | None = None
+    before_commit: Callable[[Source, Report | None], None] | None = None
+
+    def check(self) -> None:
+        check_options(self.compression, self.threads, self.limit, self.engine, self.level)
+
+
+@dataclass(frozen=True)
+class Input:
+    """What a conversion reads: its inspection, where its guest data lives, how qemu-img names it.
+
+    One file (`convert`) or a validated backing chain (`snapshot`); either way every file
+    in `sources` was opened by imagetool, none may be replaced by the output, and all must
+    be unchanged when the output is kept.
+    """
+
+    source: str  # as the user named it
+    report: Report
+    extents: list[Extent]  # host None where only qemu-img can read the data
+    qemu_name: str  # /proc/self/fd/N of the file, or a chain's json: description
+    qemu_format: str | None  # None with a json: description (it names every driver)
+    sources: tuple[Source, ...]
+    snapshot: str | None = None  # an internal snapshot's id to export instead of the current state
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        return tuple(s.fd for s in self.sources)
+
+    @property
+    def keys(self) -> set[outputs.FileKey]:
+        return {(s.device, s.inode) for s in self.sources}
+
+    def ensure_unchanged(self) -> None:
+        for source in self.sources:
+            source.ensure_unchanged()
+
+
 def convert(
     source: str,
     output: str | None = None,
@@ -351,74 +400,97 @@ def convert(
     `before_commit` with the finished output (and its verified report) before it is
     put in place, so a caller can measure it while a failure still removes it.
     """
-    check_options(compression, threads, limit, engine, level)
-    started = time.monotonic()
+    opts = Options(
+        compression,
+        threads,
+        engine,
+        level,
+        limit,
+        verify,
+        force,
+        estimate_only,
+        progress,
+        on_start,
+        before_commit,
+    )
+    opts.check()
     with open_source(source) as src:
         target = Path(output) if output is not None else default_output(source)
-        inputs = {(src.device, src.inode)}
         if not estimate_only:
-            outputs.check_target(target, force=force, inputs=inputs)
+            outputs.check_target(target, force=force, inputs={(src.device, src.inode)})
         report, data_map = examine(src, claimed_format, max_virtual_size)
         if not report.safe:
             raise report.rejected()
-        extents = _guest_extents(src, report, data_map)
-        writer = choose_writer(engine, compression, level, threads, extents)
-        est = predict(src, report, extents, writer, None if estimate_only else limit)
-        result = ConvertResult(
-            source=source,
-            output=None if estimate_only else str(target),
-            compression=compression,
-            cluster_size=CLUSTER_SIZE,
-            virtual_size=int(report.virtual_size or 0),
-            disk_size=report.disk_size,
-            limit=limit,
-            estimate=est,
-            input_report=report,
-            writer=writer,
-        )
-        result.warnings += report.warnings
-        gate = _gate_before(est, limit, source)
-        if estimate_only:
-            result.warnings += [w for w in gate if w.code != "no_estimate"]
-            result.seconds = time.monotonic() - started
-            return result
-        result.warnings += gate
-        _check_free_space(target.parent, min(est.high if est else src.allocated, limit) + 4 * MiB)
-        if on_start:
-            on_start(report)
-        with outputs.pending(target, force=force, inputs=inputs) as out:
-            if writer.engine == "native":
-                _write_native(src, report, extents, out, writer, limit, progress)
-            else:
-                options = {"cluster_size": str(CLUSTER_SIZE), "compat": "1.1"}
-                if compression != "none":
-                    options["compression_type"] = compression
-                qemu.create(out.proc_path, "qcow2", result.virtual_size, options, (out.fd,))
-                _run_convert(
-                    src,
-                    report,
-                    out,
-                    compress=compression != "none",
-                    coroutines=writer.threads,
-                    limit=limit,
-                    progress=progress,
+        extents = guest_extents(src, report, data_map)
+        inp = Input(source, report, extents, src.proc_path, report.format, (src,))
+        return convert_input(inp, target, opts)
+
+
+def convert_input(inp: Input, target: Path, opts: Options) -> ConvertResult:
+    """The pipeline every conversion shares: predict (gate 1), write (gate 2), confirm (gate 3),
+    the inputs unchanged, verify, the inputs unchanged again, link into place."""
+    started = time.monotonic()
+    report, src = inp.report, inp.sources[0]
+    writer = choose_writer(opts.engine, opts.compression, opts.level, opts.threads, inp.extents)
+    if inp.snapshot is not None or len(inp.sources) > 1:
+        writer = replace(writer, engine="qemu", level=None, threads=opts.threads or QEMU_COROUTINES)
+    est = predict(src, report, inp.extents, writer, None if opts.estimate_only else opts.limit)
+    result = ConvertResult(
+        source=inp.source,
+        output=None if opts.estimate_only else str(target),
+        compression=opts.compression,
+        cluster_size=CLUSTER_SIZE,
+        virtual_size=int(report.virtual_size or 0),
+        disk_size=report.disk_size,
+        limit=opts.limit,
+        estimate=est,
+        input_report=report,
+        writer=writer,
+    )
+    result.warnings += report.warnings
+    gate = _gate_before(est, opts.limit, inp.source)
+    if opts.estimate_only:
+        result.warnings += [w for w in gate if w.code != "no_estimate"]
+        result.seconds = time.monotonic() - started
+        return result
+    result.warnings += gate
+    allocated = sum(s.allocated for s in inp.sources)
+    _check_free_space(target.parent, min(est.high if est else allocated, opts.limit) + 4 * MiB)
+    if opts.on_start:
+        opts.on_start(report)
+    with outputs.pending(target, force=opts.force, inputs=inp.keys) as out:
+        if writer.engine == "native":
+            _write_native(src, report, inp.extents, out, writer, opts.limit, opts.progress)
+        else:
+            options = {"cluster_size": str(CLUSTER_SIZE), "compat": "1.1"}
+            if opts.compression != "none":
+                options["compression_type"] = opts.compression
+            qemu.create(out.proc_path, "qcow2", result.virtual_size, options, (out.fd,))
+            _run_convert(inp, out, writer, opts)
+        os.fsync(out.fd)
+        result.output_size = out.size()
+        if result.output_size > opts.limit:  # gate 3: confirm
+            raise SizeLimitExceeded(
+                f"output is {over_limit(result.output_size, opts.limit)}; removed", path=str(target)
+            )
+        inp.ensure_unchanged()
+        if opts.verify:
+            result.output_report, compared = _verify(inp, out)
+            result.verified = True
+            if not compared:
+                result.warnings.append(
+                    Reason(
+                        "not_compared",
+                        "qemu-img can read an internal snapshot only by converting it: the output was "
+                        "inspected and checked, not compared",
+                    )
                 )
-            os.fsync(out.fd)
-            result.output_size = out.size()
-            if result.output_size > limit:  # gate 3: confirm
-                raise SizeLimitExceeded(
-                    f"output is {over_limit(result.output_size, limit)}; removed", path=str(target)
-                )
-            src.ensure_unchanged()
-            if verify:
-                result.output_report = _verify(src, report, out)
-                result.verified = True
-                src.ensure_unchanged()
-            if before_commit:
-                with from_descriptor(str(target), out.fd) as written:
-                    before_commit(written, result.output_report)
-            st = os.fstat(out.fd)
-            out.commit()
-            result.output_key = (st.st_dev, st.st_ino)
+            inp.ensure_unchanged()
+        if opts.before_commit:
+            with from_descriptor(str(target), out.fd) as written:
+                opts.before_commit(written, result.output_report)
+        st = os.fstat(out.fd)
+        out.commit()
+        result.output_key = (st.st_dev, st.st_ino)
     result.seconds = time.monotonic() - started
     return result

@@ -88,9 +88,13 @@ class _Findings:
     reasons: list[Reason] = field(default_factory=list)
     warnings: list[Reason] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
+    tolerate: frozenset[str] = frozenset()  # reason codes the caller accepts: kept as warnings
 
     def add(self, reasons: list[Reason]) -> None:
-        self.reasons.extend(r for r in reasons if r not in self.reasons)
+        for reason in reasons:
+            kept = self.warnings if reason.code in self.tolerate else self.reasons
+            if reason not in kept:
+                kept.append(reason)
 
     def report(self) -> Report:
         return Report(
@@ -120,9 +124,16 @@ def inspect_source(
 
 
 def examine(
-    src: Source, claimed_format: str | None = None, max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
+    src: Source,
+    claimed_format: str | None = None,
+    max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
+    tolerate: frozenset[str] = frozenset(),
 ) -> tuple[Report, list[Extent] | None]:
-    """The report, and beside it where a non-raw image's guest data lives (qemu-img map), for convert."""
+    """The report, and beside it where a non-raw image's guest data lives (qemu-img map), for convert.
+
+    `tolerate`: reason codes that are warnings for this caller (`snapshot` reads the user's
+    own disk, whose internal snapshots are no hidden data to it).
+    """
     claimed = normalize_format(claimed_format) if claimed_format else None
     if claimed is not None and claimed not in ACCEPTED_FORMATS:
         raise UsageProblem(
@@ -137,6 +148,7 @@ def examine(
             "allocated_size": src.allocated,
         },
         checks=["regular_file"],
+        tolerate=tolerate,
     )
     header = detect(src)
     found.checks.append("header")

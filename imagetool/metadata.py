@@ -110,6 +110,9 @@ class ImageFacts(TypedDict, total=False):
     sha256: str
     md5: str
     official: bool
+    source_type: str  # `snapshot` for imagetool snapshot
+    chain: list[dict[str, Any]]  # the files a snapshot flattened, top first
+    snapshot: str | None  # the internal snapshot it exported
 
 
 class Fits(TypedDict, total=False):

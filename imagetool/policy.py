@@ -41,3 +41,7 @@ MAX_QCOW2_REFCOUNT_TABLE_BYTES = 8 * MiB  # qemu's QCOW_MAX_REFTABLE_SIZE
 MAX_METADATA_BYTES = 1 * MiB
 # How deep a metadata document may nest (ours nest 3 deep).
 MAX_JSON_DEPTH = 32
+
+# A backing chain `snapshot` follows is at most this deep [chain_too_deep]: a disk with its
+# base images, not a crafted loop of references.
+MAX_CHAIN_DEPTH = 16

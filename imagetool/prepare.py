@@ -116,10 +116,17 @@ def prepare(
     verify: bool = True,
     claimed_format: str | None = None,
     progress: Callback | None = None,
+    converter: Callable[..., ConvertResult] = convert,
+    add_facts: Callable[[ImageFacts], None] | None = None,
+    allow_device: bool = False,
 ) -> tuple[Path, Path, MetadataDocument, ConvertResult]:
-    """Convert `source` and write its registration metadata; returns (qcow2, json, document, result)."""
+    """Convert `source` and write its registration metadata; returns (qcow2, json, document, result).
+
+    `converter` does the conversion (`snapshot` passes one that flattens a backing chain,
+    with convert's signature) and `add_facts` adds to the document's `image` object.
+    """
     check_options(compression, threads, limit, engine, level)
-    with open_source(source) as src:  # a directory, FIFO or missing file is refused first
+    with open_source(source, allow_block_device=allow_device) as src:  # a FIFO or missing file: refused
         inputs = {(src.device, src.inode)}
     target = Path(output_path) if output_path is not None else default_output(source)
     meta_path = default_metadata_path(str(target))
@@ -161,10 +168,12 @@ def prepare(
         """Checksums and sizes of the finished qcow2, read before it is put in place."""
         nonlocal image
         image = image_facts(out, verified or inspect_source(out), disk_size=exact[0])
+        if add_facts:
+            add_facts(image)
 
     result: ConvertResult | None = None
     try:
-        result = convert(
+        result = converter(
             source,
             str(target),
             compression=compression,

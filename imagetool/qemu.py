@@ -266,19 +266,36 @@ def version() -> str:
     return first.removeprefix("qemu-img version ").strip()
 
 
-def info(path: str, fmt: str, fds: tuple[int, ...]) -> dict[str, Any]:
-    """`qemu-img info` in shared read-only mode; never follows the backing chain."""
-    out = run(["info", "-f", fmt, "--output=json", "--force-share", path], fds).stdout
+def image_args(path: str, fmt: str | None, flag: str = "-f") -> list[str]:
+    """How an image is named to qemu-img: `-f FMT /proc/self/fd/N`, or a `json:` description.
+
+    A json: description (chain.py builds them) names the driver of every node itself and
+    every file by descriptor, so qemu-img still probes nothing and opens nothing by name.
+    """
+    if fmt is None:
+        if not path.startswith("json:"):
+            raise ValueError("an image without -f must be a json: description")
+        return [path]
+    return [flag, fmt, path]
+
+
+def info(path: str, fmt: str | None, fds: tuple[int, ...], *, force_share: bool = True) -> dict[str, Any]:
+    """`qemu-img info` read-only; never follows the backing chain of a file given with -f.
+
+    Without `force_share` qemu-img takes the image's locks, which fails while a VM uses it.
+    """
+    shared = ["--force-share"] if force_share else []
+    out = run(["info", "--output=json", *shared, *image_args(path, fmt)], fds).stdout
     data = _json(out, "info")
     if not isinstance(data, dict):
         raise QemuFailed("qemu-img info did not print a JSON object", 0, out)
     return data
 
 
-def check(path: str, fmt: str, fds: tuple[int, ...]) -> tuple[int, dict[str, Any]]:
+def check(path: str, fmt: str | None, fds: tuple[int, ...]) -> tuple[int, dict[str, Any]]:
     """`qemu-img check` (read-only, never `-r`): its exit code (0/2/3 or 1) and report."""
     proc = run(
-        ["check", "-f", fmt, "--output=json", "--force-share", path],
+        ["check", "--output=json", "--force-share", *image_args(path, fmt)],
         fds,
         CHECK_LIMITS,
         ok_codes=(0, 1, 2, 3, 63),
@@ -371,7 +388,7 @@ def _map_entries(stream: IO[bytes], max_lines: int) -> Iterator[tuple[int, int, 
 
 
 def map_extents(
-    path: str, fmt: str, fds: tuple[int, ...], max_extents: int = MAX_MAP_EXTENTS
+    path: str, fmt: str | None, fds: tuple[int, ...], max_extents: int = MAX_MAP_EXTENTS
 ) -> list[Extent]:
     """`qemu-img map`: the guest ranges that hold data, and where (None when compressed).
 
@@ -383,7 +400,7 @@ def map_extents(
     import gc
     from array import array
 
-    args = ["map", "-f", fmt, "--output=json", "--force-share", path]
+    args = ["map", "--output=json", "--force-share", *image_args(path, fmt)]
     proc = popen(args, fds, CHECK_LIMITS, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     errors: list[bytes] = []
     drain = threading.Thread(target=_collect, args=(proc.stderr, _STDERR_CAP, errors, [False]), daemon=True)
@@ -459,10 +476,20 @@ class ConvertJob:
     """
 
     def __init__(
-        self, src: str, src_fmt: str, dst: str, *, compress: bool, coroutines: int, fds: tuple[int, ...]
+        self,
+        src: str,
+        src_fmt: str | None,
+        dst: str,
+        *,
+        compress: bool,
+        coroutines: int,
+        fds: tuple[int, ...],
+        snapshot: str | None = None,
     ) -> None:
         args = ["convert", "-p", "-n", "--target-is-zero", "-W", "-m", str(coroutines), "-S", "4k"]
-        args += ["-f", src_fmt, "-O", "qcow2", *(["-c"] if compress else []), src, dst]
+        if snapshot is not None:  # an internal snapshot's state instead of the current one
+            args += ["-l", f"snapshot.id={snapshot}"]
+        args += ["-O", "qcow2", *(["-c"] if compress else []), *image_args(src, src_fmt), dst]
         self.percent = 0.0
         self._stderr: list[bytes] = []
         self.proc = popen(args, fds, BULK_LIMITS, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -504,6 +531,11 @@ class ConvertJob:
         self.close()
 
 
+def is_locked(stderr: str) -> bool:
+    """qemu's own words for an image whose lock another process (a running VM) holds."""
+    return bool(_LOCKED.search(stderr))
+
+
 def convert_failure(
     code: int | None, stderr: str, input_path: str, output_path: str
 ) -> ImagetoolError | None:
@@ -522,7 +554,7 @@ def convert_failure(
         return EnvironmentProblem(
             f"the file size limit was reached (ulimit -f?) ({text})", path=output_path, code="file_too_big"
         )
-    if _LOCKED.search(stderr):  # not a bare "lock": "block" appears in ordinary I/O errors
+    if is_locked(stderr):  # not a bare "lock": "block" appears in ordinary I/O errors
         return EnvironmentProblem(f"the input is in use by another process ({text})", code="locked")
     if _READ_ERROR.search(stderr):  # the input's data cannot be read: the image's fault
         message = f"the image's data cannot be read ({text}): corrupt"
@@ -530,7 +562,7 @@ def convert_failure(
     return EnvironmentProblem(f"qemu-img convert failed: {text}", path=output_path, code="convert_failed")
 
 
-def compare(path_a: str, fmt_a: str, path_b: str, fmt_b: str, fds: tuple[int, ...]) -> bool:
+def compare(path_a: str, fmt_a: str | None, path_b: str, fmt_b: str, fds: tuple[int, ...]) -> bool:
     """`qemu-img compare`: True when the guest contents are identical, False when they differ.
 
     Not `-s`: a raw hole and a qcow2 unallocated cluster are both zeros, and strict
@@ -538,7 +570,7 @@ def compare(path_a: str, fmt_a: str, path_b: str, fmt_b: str, fds: tuple[int, ..
     Any other outcome (a read error: exit 2-4) raises QemuFailed.
     """
     proc = run(
-        ["compare", "-f", fmt_a, "-F", fmt_b, "--force-share", path_a, path_b],
+        ["compare", *image_args(path_a, fmt_a)[:-1], "-F", fmt_b, "--force-share", path_a, path_b],
         fds,
         BULK_LIMITS,
         ok_codes=(0, 1),

@@ -200,6 +200,21 @@ def metadata_text(path: Path, doc: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def snapshots_text(disk: str, found: list[dict[str, Any]]) -> str:
+    """`snapshot --list`: one line per internal snapshot."""
+    import datetime
+
+    lines = [f"{clean(disk)}: {len(found)} internal snapshot(s)"]
+    for snap in found:
+        when, state = snap.get("date"), snap.get("vm_state_size")
+        date = "-"
+        if isinstance(when, int):
+            date = datetime.datetime.fromtimestamp(when, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        vm_state = human(state) if isinstance(state, int) else "-"
+        lines.append(f"  id {clean(snap['id']):<4} {clean(snap['name']):<24} {date}  vm state {vm_state}")
+    return "\n".join(lines)
+
+
 def preflight_text(result: PreflightResult) -> str:
     counts: dict[str, int] = {}
     for check in result.checks:

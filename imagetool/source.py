@@ -134,7 +134,7 @@ def _reject(path: str, code: str, message: str) -> ImageRejected:
     return ImageRejected(message, [Reason(code, message)], path=path)
 
 
-def _open_regular(path: str) -> tuple[int, os.stat_result]:
+def _open_regular(path: str, allow_block_device: bool = False) -> tuple[int, os.stat_result]:
     """Open `path` read-only without following links or blocking; refuse anything but a file."""
     try:
         lst = os.lstat(path)
@@ -158,7 +158,7 @@ def _open_regular(path: str) -> tuple[int, os.stat_result]:
         raise EnvironmentProblem(f"cannot open: {exc.strerror}", path=path, code="io_error") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) and not (allow_block_device and stat.S_ISBLK(st.st_mode)):
             kind = _KIND_NAMES.get(stat.S_IFMT(st.st_mode), "not a regular file")
             raise _reject(path, "not_regular_file", f"is {kind}, not a regular file")
     except BaseException:
@@ -167,13 +167,20 @@ def _open_regular(path: str) -> tuple[int, os.stat_result]:
     return fd, st
 
 
-def open_source(path: str) -> Source:
-    """Open an input image the safe way: a regular, non-empty file, read through one descriptor."""
-    fd, st = _open_regular(path)
-    if st.st_size == 0:
+def open_source(path: str, allow_block_device: bool = False) -> Source:
+    """Open an input image the safe way: a regular, non-empty file, read through one descriptor.
+
+    `allow_block_device` also takes a block device (an LVM volume an operator snapshots);
+    its size is where its data ends, since st_size says 0 for a device.
+    """
+    fd, st = _open_regular(path, allow_block_device)
+    source = _source(path, fd, st)
+    if stat.S_ISBLK(st.st_mode):
+        source.size = source.allocated = os.lseek(fd, 0, os.SEEK_END)
+    if source.size == 0:
         os.close(fd)
         raise _reject(path, "empty", "is empty (0 bytes)")
-    return _source(path, fd, st)
+    return source
 
 
 def read_small_file(path: str, cap: int) -> bytes:
