@@ -179,8 +179,13 @@ def _check_link(src: Source, depth: int) -> tuple[str, int]:
     return found.format, found.virtual_size
 
 
-def open_chain(disk: str, allowed_dirs: list[str], *, allow_device: bool = False) -> Chain:
-    """Open and validate `disk` and every backing file it leads to; refuse the first bad link."""
+def open_chain(
+    disk: str, allowed_dirs: list[str], *, allow_device: bool = False, follow: bool = True
+) -> Chain:
+    """Open and validate `disk` and every backing file it leads to; refuse the first bad link.
+
+    `follow=False` opens the top alone (what `--list` reads: its own snapshot table).
+    """
     allowed = [os.path.realpath(disk if os.path.isdir(disk) else os.path.dirname(disk) or ".")]
     allowed += [os.path.realpath(d) for d in allowed_dirs]
     chain = Chain()
@@ -198,7 +203,7 @@ def open_chain(disk: str, allowed_dirs: list[str], *, allow_device: bool = False
             seen.add((src.device, src.inode))
             fmt, virtual_size = _check_link(src, depth)
             name, named_format = _qcow2_backing(src) if fmt == "qcow2" else (None, None)
-            path = _next_path(src, name, allowed) if name is not None else None
+            path = _next_path(src, name, allowed) if name is not None and follow else None
             chain.links.append(Link(os.path.realpath(src.path), fmt, virtual_size, src.size, name))
             if path is not None and named_format is not None and named_format not in CHAIN_FORMATS:
                 raise _refuse(

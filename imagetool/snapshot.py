@@ -202,7 +202,7 @@ def list_snapshots(
     disk: str, allowed_dirs: tuple[str, ...] = (), allow_device: bool = False
 ) -> list[dict[str, Any]]:
     """The disk's internal snapshots (`snapshot --list`)."""
-    with open_chain(disk, list(allowed_dirs), allow_device=allow_device) as chain:
+    with open_chain(disk, list(allowed_dirs), allow_device=allow_device, follow=False) as chain:
         return snapshots(qemu.info(chain.top_description(), None, (chain.top.fd,)))
 
 
