@@ -13,11 +13,15 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from imagetool import __version__
+
+if TYPE_CHECKING:  # the commands import what they run: `imagetool --help` stays fast
+    from imagetool.convert import ConvertResult
+    from imagetool.metadata import MetadataDocument, Registration
 from imagetool.errors import (
     EnvironmentProblem,
     ExitCode,
@@ -245,6 +249,24 @@ ServerDiskOpt = Annotated[
 ]
 
 
+def _show_prepared(
+    reg: Registration, meta: Path, doc: MetadataDocument, result: ConvertResult, json_out: bool
+) -> int:
+    """What `prepare` and `snapshot` print: notes, then the document or the text, then warnings."""
+    from imagetool import render
+
+    for note in reg.notes:
+        render.note_line(note)
+    if json_out:
+        render.emit_json(doc)
+    else:
+        render.say(render.convert_text(result))
+        render.say(render.metadata_text(meta, doc))
+    for warning in result.warnings:
+        render.warning_line(result.source, warning)
+    return 0
+
+
 def _size_or_none(text: str | None) -> int | None:
     from imagetool.sizes import parse_size
 
@@ -272,15 +294,9 @@ def metadata_cmd(
     from imagetool.metadata import registration, write_metadata
 
     reg = registration(
-        name=name,
-        arch=arch,
-        mode=mode,
-        username=username,
-        public=public,
-        description=description,
-        min_ram=min_ram,
-        url=url,
-    )
+        name=name, arch=arch, mode=mode, username=username, public=public,
+        description=description, min_ram=min_ram, url=url,
+    )  # fmt: skip
     path, doc = write_metadata(image, reg, output=output, server_disk=_size_or_none(server_disk), force=force)
     for note in reg.notes:
         render.note_line(note)
@@ -323,22 +339,15 @@ def prepare_cmd(
     json_out: JsonOpt = False,
 ) -> int:
     """The main job: inspect, convert (50 GB gate), verify, and write the metadata."""
-    from imagetool import render
     from imagetool.metadata import registration
     from imagetool.prepare import prepare
     from imagetool.progress import renderer
     from imagetool.sizes import parse_size
 
     reg = registration(
-        name=name,
-        arch=arch,
-        mode=mode,
-        username=username,
-        public=public,
-        description=description,
-        min_ram=min_ram,
-        url=url,
-    )
+        name=name, arch=arch, mode=mode, username=username, public=public,
+        description=description, min_ram=min_ram, url=url,
+    )  # fmt: skip
     limit = parse_size(max_compressed_size)
     show = renderer(progress, "preparing")
     try:
@@ -359,16 +368,7 @@ def prepare_cmd(
         )
     finally:
         show.close()
-    for note in reg.notes:
-        render.note_line(note)
-    if json_out:
-        render.emit_json(doc)
-    else:
-        render.say(render.convert_text(result))
-        render.say(render.metadata_text(meta, doc))
-    for warning in result.warnings:
-        render.warning_line(result.source, warning)
-    return 0
+    return _show_prepared(reg, meta, doc, result, json_out)
 
 
 @command("snapshot")
@@ -433,15 +433,9 @@ def snapshot_cmd(
             render.say(render.snapshots_text(disk, found))
         return 0
     reg = registration(
-        name=name,
-        arch=arch,
-        mode=mode,
-        username=username,
-        public=public,
-        description=description,
-        min_ram=min_ram,
-        url=url,
-    )
+        name=name, arch=arch, mode=mode, username=username, public=public,
+        description=description, min_ram=min_ram, url=url,
+    )  # fmt: skip
     limit = parse_size(max_compressed_size)
     show = renderer(progress, "snapshotting")
     try:
@@ -465,16 +459,7 @@ def snapshot_cmd(
         )
     finally:
         show.close()
-    for note in reg.notes:
-        render.note_line(note)
-    if json_out:
-        render.emit_json(doc)
-    else:
-        render.say(render.convert_text(result))
-        render.say(render.metadata_text(meta, doc))
-    for warning in result.warnings:
-        render.warning_line(result.source, warning)
-    return 0
+    return _show_prepared(reg, meta, doc, result, json_out)
 
 
 @command("preflight")
