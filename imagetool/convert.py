@@ -118,7 +118,7 @@ def guest_extents(src: Source, report: Report, data_map: list[Extent] | None) ->
 
 
 def predict(
-    src: Source,
+    fds: tuple[int, ...],
     report: Report,
     extents: list[Extent],
     writer: Writer,
@@ -134,8 +134,8 @@ def predict(
         return most
     if any(e.host is None for e in extents):
         return None
-    reader = GuestReader(src.fd, extents)
-    return estimate(reader, virtual_size, CLUSTER_SIZE, writer.codec, seed=src.size, level=writer.level)
+    reader = GuestReader(fds, extents)
+    return estimate(reader, virtual_size, CLUSTER_SIZE, writer.codec, seed=virtual_size, level=writer.level)
 
 
 def _gate_before(est: Estimate | None, limit: int, path: str) -> list[Reason]:
@@ -275,26 +275,25 @@ def choose_writer(
 
 
 def _write_native(
-    src: Source,
-    report: Report,
-    extents: list[Extent],
+    inp: Input,
     out: outputs.Pending,
     writer: Writer,
     limit: int,
     progress: Callback | None,
 ) -> None:
-    """The native writer: the guest data read through the input's descriptor, clusters compressed
+    """The native writer: the guest data read through the input's descriptors, clusters compressed
     on `writer.threads` threads, written in order into the temp file; past `limit` it stops."""
+    report, extents = inp.report, inp.extents
     total = int(report.virtual_size or 0)
     started = time.monotonic()
     done = [0]
-    reader = GuestReader(src.fd, extents)
+    reader = GuestReader(inp.fds, extents)
 
     def read(offset: int, length: int) -> bytes:
         try:
             return reader.read(offset, length)
         except OSError as exc:
-            raise outputs.os_error(exc, src.path, "read the input") from None
+            raise outputs.os_error(exc, inp.source, "read the input") from None
 
     def report_progress(guest_done: int, written: int) -> None:
         done[0] = guest_done
@@ -430,11 +429,11 @@ def convert_input(inp: Input, target: Path, opts: Options) -> ConvertResult:
     """The pipeline every conversion shares: predict (gate 1), write (gate 2), confirm (gate 3),
     the inputs unchanged, verify, the inputs unchanged again, link into place."""
     started = time.monotonic()
-    report, src = inp.report, inp.sources[0]
+    report = inp.report
     writer = choose_writer(opts.engine, opts.compression, opts.level, opts.threads, inp.extents)
-    if inp.snapshot is not None or len(inp.sources) > 1:
+    if inp.snapshot is not None:  # qemu-img reads a snapshot's state; qemu-img map shows today's
         writer = replace(writer, engine="qemu", level=None, threads=opts.threads or QEMU_COROUTINES)
-    est = predict(src, report, inp.extents, writer, None if opts.estimate_only else opts.limit)
+    est = predict(inp.fds, report, inp.extents, writer, None if opts.estimate_only else opts.limit)
     result = ConvertResult(
         source=inp.source,
         output=None if opts.estimate_only else str(target),
@@ -460,7 +459,7 @@ def convert_input(inp: Input, target: Path, opts: Options) -> ConvertResult:
         opts.on_start(report)
     with outputs.pending(target, force=opts.force, inputs=inp.keys) as out:
         if writer.engine == "native":
-            _write_native(src, report, inp.extents, out, writer, opts.limit, opts.progress)
+            _write_native(inp, out, writer, opts.limit, opts.progress)
         else:
             options = {"cluster_size": str(CLUSTER_SIZE), "compat": "1.1"}
             if opts.compression != "none":

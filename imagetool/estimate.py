@@ -91,10 +91,14 @@ def metadata_bytes(
 
 
 class GuestReader:
-    """Read guest bytes of an input whose data extents are known, zeros elsewhere."""
+    """Read guest bytes of an input whose data extents are known, zeros elsewhere.
 
-    def __init__(self, fd: int, extents: list[Extent]) -> None:
-        self.fd = fd
+    `fd` is the image's descriptor, or a chain's, top first: an extent is read from the
+    file of its layer.
+    """
+
+    def __init__(self, fd: int | Sequence[int], extents: list[Extent]) -> None:
+        self.fds = (fd,) if isinstance(fd, int) else tuple(fd)
         self.extents = sorted(extents, key=lambda e: e.start)
         self.starts = [e.start for e in self.extents]
 
@@ -106,7 +110,7 @@ class GuestReader:
             lo, hi = max(offset, e.start), min(offset + length, e.start + e.length)
             if lo < hi:
                 assert e.host is not None, "GuestReader needs readable extents"
-                got = os.pread(self.fd, hi - lo, e.host + lo - e.start)
+                got = os.pread(self.fds[e.layer], hi - lo, e.host + lo - e.start)
                 # A short read (the file shrank) leaves zeros: the caller's identity check refuses it.
                 out[lo - offset : lo - offset + len(got)] = got
             i += 1

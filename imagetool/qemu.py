@@ -320,8 +320,10 @@ class TooFragmented(ImageRejected):
         super().__init__(message, [Reason("too_fragmented", message)])
 
 
-def _map_entries(stream: IO[bytes], max_lines: int) -> Iterator[tuple[int, int, int]]:
-    """(start, length, host) of each data range `qemu-img map --output=json` prints, as it arrives.
+def _map_entries(stream: IO[bytes], max_lines: int) -> Iterator[tuple[int, int, int, int]]:
+    """(start, length, host, depth) of each data range `qemu-img map --output=json` prints, as it arrives.
+
+    depth is the layer of a backing chain that holds the range (0: the image itself).
 
     host is -1 where the data cannot be read in place (compressed). Zero and unallocated ranges
     count as lines but are not yielded. Past `max_lines` lines: TooFragmented. A line that is not
@@ -335,7 +337,7 @@ def _map_entries(stream: IO[bytes], max_lines: int) -> Iterator[tuple[int, int, 
     """
     # [ , ] frame the array, one object per line; qemu 6.0 added "present", 8.2 "compressed".
     line_re = re.compile(
-        rb'^\[?\{ "start": (\d{1,18}), "length": (\d{1,18}), "depth": \d{1,9},'
+        rb'^\[?\{ "start": (\d{1,18}), "length": (\d{1,18}), "depth": (\d{1,9}),'
         rb'(?: "present": (?:true|false),)? "zero": (true|false), "data": (true|false)'
         rb'(?:, "compressed": (true|false))?'
         rb'(?:, "offset": (\d{1,18}))?\}[,\]]?\r?$',
@@ -355,11 +357,12 @@ def _map_entries(stream: IO[bytes], max_lines: int) -> Iterator[tuple[int, int, 
             entry = None
         fields = entry if isinstance(entry, dict) else {}
         start, length = count(fields.get("start")), count(fields.get("length"))
+        depth = count(fields.get("depth")) or b"0"
         if start is None or length is None:
             shown = line[:200].decode(errors="replace")
             raise QemuFailed("qemu-img map printed a line that is not a map entry", 0, shown)
         flags = [b"true" if fields.get(key) is True else b"false" for key in ("zero", "data", "compressed")]
-        return start, length, *flags, count(fields.get("offset")) or b""
+        return start, length, depth, *flags, count(fields.get("offset")) or b""
 
     lines = 0
     pending = b""
@@ -379,10 +382,10 @@ def _map_entries(stream: IO[bytes], max_lines: int) -> Iterator[tuple[int, int, 
                 found = [from_json(row) for row in rows]
             if lines > max_lines:
                 raise TooFragmented(max_lines)
-            for start, length, zero, data, compressed, offset in found:
+            for start, length, depth, zero, data, compressed, offset in found:
                 if data == b"true" and zero == b"false":
                     host = int(offset) if offset and compressed != b"true" else -1
-                    yield int(start), int(length), host
+                    yield int(start), int(length), host, int(depth)
         if not chunk:
             return
 
@@ -415,14 +418,15 @@ def map_extents(
     timer = threading.Timer(CHECK_LIMITS.wall_seconds, expire)
     timer.daemon = True
     timer.start()
-    starts, lengths, hosts = array("q"), array("q"), array("q")
+    starts, lengths, hosts, layers = array("q"), array("q"), array("q"), array("q")
     try:
         assert proc.stdout is not None
-        for start, length, host in _map_entries(proc.stdout, max_extents):
+        for start, length, host, depth in _map_entries(proc.stdout, max_extents):
             if length > 0:
                 starts.append(start)
                 lengths.append(length)
                 hosts.append(host)
+                layers.append(depth)
         proc.wait()
     finally:
         timer.cancel()
@@ -448,8 +452,8 @@ def map_extents(
     gc.disable()  # up to a million new objects, none in a cycle: collecting meanwhile is 40% of it
     try:
         return [
-            Extent(start, sizes.setdefault(length, length), host if host >= 0 else None)
-            for start, length, host in zip(starts, lengths, hosts, strict=True)
+            Extent(start, sizes.setdefault(length, length), host if host >= 0 else None, layer)
+            for start, length, host, layer in zip(starts, lengths, hosts, layers, strict=True)
         ]
     finally:
         if collecting:

@@ -56,12 +56,14 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORE
 class Extent:
     """Guest bytes [start, start+length) that hold data, stored at `host` in the image file.
 
-    `host` is None where the data cannot be read directly (a compressed cluster).
+    `host` is None where the data cannot be read directly (a compressed cluster); `layer`
+    says which file of a backing chain holds it (0: the image itself).
     """
 
     start: int
     length: int
     host: int | None
+    layer: int = 0
 
 
 def parse_size(text: str) -> int:

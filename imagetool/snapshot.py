@@ -41,7 +41,7 @@ from imagetool.metadata import ImageFacts, MetadataDocument, Registration
 from imagetool.policy import MAX_DISK_SIZE
 from imagetool.prepare import prepare
 from imagetool.progress import Callback
-from imagetool.sizes import BLOCK, Extent, human, to_mib
+from imagetool.sizes import BLOCK, human, to_mib
 
 
 def default_snapshot_output(disk: str) -> Path:
@@ -119,8 +119,9 @@ def _chain_input(chain: Chain, disk: str, snapshot: str | None) -> Input:
             code, result = qemu.check(single, None, (source.fd,))
             if code in (1, 2) or result.get("corruptions"):
                 raise qemu.QemuFailed(f"qemu-img check finds {link.file} corrupt", code, "")
-    # Which layer holds a range is qemu's business: the native writer and the sampler need one file.
-    extents = [Extent(e.start, e.length, None) for e in qemu.map_extents(description, None, chain.fds)]
+    # qemu-img map says which layer holds each range and where: the native writer reads each from
+    # its own file, as qemu would (a compressed range has no host offset: qemu-img converts then).
+    extents = qemu.map_extents(description, None, chain.fds)
     allocated = sum(-(-e.length // BLOCK) * BLOCK for e in extents)
     report = Report(
         path=disk,

@@ -155,7 +155,7 @@ def test_honest_fragmented_qcow2_gets_the_exact_disk_size(cli, tmp_path):
     assert result.json["disk_size_exact"] is True
 
 
-def entries(text: bytes, max_lines: int = 100) -> list[tuple[int, int, int]]:
+def entries(text: bytes, max_lines: int = 100) -> list[tuple[int, int, int, int]]:
     return list(qemu._map_entries(io.BytesIO(text), max_lines))
 
 
@@ -166,16 +166,23 @@ LINES = (
     b'{ "start": 69632, "length": 4096, "depth": 0, "present": true, "zero": false, "data": true, '
     b'"compressed": true, "offset": 9},\n'
     b'{ "start": 73728, "length": 8192, "depth": 0, "present": true, "zero": false, "data": true, '
-    b'"compressed": false, "offset": 4096}]\n'
+    b'"compressed": false, "offset": 4096},\n'
+    b'{ "start": 81920, "length": 4096, "depth": 2, "present": true, "zero": false, "data": true, '
+    b'"offset": 0}]\n'
 )
 
 
 def test_map_lines_are_parsed_strictly():
-    assert entries(LINES) == [(0, 65536, 327680), (69632, 4096, -1), (73728, 8192, 4096)]
+    assert entries(LINES) == [
+        (0, 65536, 327680, 0),
+        (69632, 4096, -1, 0),
+        (73728, 8192, 4096, 0),
+        (81920, 4096, 0, 2),  # from the second backing file of a chain
+    ]
     assert entries(LINES.rstrip(b"\n")) == entries(LINES)  # no final newline
     # another layout (key order, spacing) goes through JSON, with the same result
     other = b'[{"data": true, "zero": false, "length": 512, "start": 0, "offset": 1024}]\n'
-    assert entries(other) == [(0, 512, 1024)]
+    assert entries(other) == [(0, 512, 1024, 0)]
 
 
 @pytest.mark.parametrize(

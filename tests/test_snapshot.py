@@ -213,13 +213,21 @@ def test_a_disk_in_use_is_refused_unless_shared(cli, tmp_path):
 
 
 def test_over_the_size_limit_is_refused(cli, tmp_path):
-    """Caught while writing (a chain can't be sampled): no qcow2, and the document says why."""
+    """Predicted from the chain's own data (read layer by layer): refused before writing anything."""
     top = build_chain(tmp_path, 2)
-    result = cli("snapshot", top, *REG, "-o", tmp_path / "out.qcow2", "--max-compressed-size", "1M", "--json")
-    assert result.code == 4 and result.json["error"]["code"] == "compressed_too_large"
-    assert not (tmp_path / "out.qcow2").exists()
-    status = json.loads((tmp_path / "out.qcow2.json").read_text())["status"]
-    assert status["state"] == "failed" and status["reason"]["code"] == "compressed_too_large"
+    result = _refused(cli, tmp_path, top, "compressed_too_large", 4, "--max-compressed-size", "1M")
+    assert "predicted" in result.err
+
+
+def test_a_chain_is_written_by_the_native_writer_layer_by_layer(cli, tmp_path):
+    top = build_chain(tmp_path, 3)
+    out = tmp_path / "flat.qcow2"
+    result = cli("snapshot", top, *REG, "-o", out, "--no-verify")
+    assert result.code == 0, result.err
+    assert "by imagetool's writer" in result.out and identical(top, out)
+    via_qemu = tmp_path / "q.qcow2"
+    assert cli("snapshot", top, *REG, "-o", via_qemu, "--engine", "qemu").code == 0
+    assert identical(out, via_qemu)
 
 
 def test_non_zero_data_over_the_snapshot_limit_is_a_failure(cli, tmp_path, monkeypatch):
