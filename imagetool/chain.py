@@ -44,7 +44,6 @@ class Link:
     format: str
     virtual_size: int
     file_size: int
-    backing: str | None  # the name its header gives the next link, as written
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -204,7 +203,7 @@ def open_chain(
             fmt, virtual_size = _check_link(src, depth)
             name, named_format = _qcow2_backing(src) if fmt == "qcow2" else (None, None)
             path = _next_path(src, name, allowed) if name is not None and follow else None
-            chain.links.append(Link(os.path.realpath(src.path), fmt, virtual_size, src.size, name))
+            chain.links.append(Link(os.path.realpath(src.path), fmt, virtual_size, src.size))
             if path is not None and named_format is not None and named_format not in CHAIN_FORMATS:
                 raise _refuse(
                     src.path, "unsupported_format", f"its backing format {named_format!r} is not raw or qcow2"

@@ -37,8 +37,6 @@ from imagetool.policy import MAX_MAP_EXTENTS
 from imagetool.sizes import Extent
 
 QEMU_IMG = "qemu-img"
-# util-linux (Debian: essential): the wrapper that makes qemu-img die with us, and its limits.
-WRAPPERS = ("setpriv", "prlimit")
 
 GiB = 1 << 30
 
