@@ -12,6 +12,12 @@ system-deps:
 	command -v qemu-img >/dev/null 2>&1 || missing="$$missing qemu-utils"; \
 	{ ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1'; } || missing="$$missing libmagic1"; \
 	command -v mkfs.ext4 >/dev/null 2>&1 || missing="$$missing e2fsprogs"; \
+	command -v mkfs.vfat >/dev/null 2>&1 || missing="$$missing dosfstools"; \
+	command -v mcopy >/dev/null 2>&1 || missing="$$missing mtools"; \
+	command -v mkfs.xfs >/dev/null 2>&1 || missing="$$missing xfsprogs"; \
+	command -v mkfs.btrfs >/dev/null 2>&1 || missing="$$missing btrfs-progs"; \
+	command -v cpio >/dev/null 2>&1 || missing="$$missing cpio"; \
+	command -v lz4 >/dev/null 2>&1 || missing="$$missing lz4"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \
@@ -56,7 +62,10 @@ lint: setup
 
 bench: setup
 	@command -v hyperfine >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq hyperfine >/dev/null; }
-	cd bench && ../$(BIN)/python inspect_bench.py && ../$(BIN)/python convert_bench.py && ../$(BIN)/python disk_size_bench.py && ../$(BIN)/python writer_bench.py
+	@command -v sfdisk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq fdisk >/dev/null; }
+	@command -v debootstrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq debootstrap >/dev/null; }
+	cd bench && ../$(BIN)/python inspect_bench.py && ../$(BIN)/python convert_bench.py && ../$(BIN)/python disk_size_bench.py && ../$(BIN)/python writer_bench.py \
+	  && ../$(BIN)/python guest_bench.py
 
 clean:
 	rm -rf $(VENV) bench/work build .pytest_cache
