@@ -142,6 +142,41 @@ def inspect_cmd(
     return report.exit_code
 
 
+@command("guest")
+def guest_cmd(
+    image: Annotated[str, typer.Argument(help="The disk image (raw or qcow2) to look inside.")],
+    format: Annotated[
+        str | None,
+        typer.Option("--format", "-f", help="The format you expect; a different content is rejected."),
+    ] = None,
+    time_limit: Annotated[
+        float, typer.Option(help="Give up (unknown answers, with the reason) after this many seconds.")
+    ] = 10.0,
+    brief: Annotated[bool, typer.Option("--brief", help="Answers only, without the evidence.")] = False,
+    json_out: JsonOpt = False,
+) -> int:
+    """Read the guest's filesystems: architecture, virtio or compatibility mode, default username, OS."""
+    from imagetool import render
+    from imagetool.guest import look
+    from imagetool.guest.report import guest_document, guest_text
+    from imagetool.inspection import inspect_source
+    from imagetool.source import open_source
+
+    if not 0 < time_limit <= 600:
+        raise UsageProblem("--time-limit must be between 0 and 600 seconds", code="bad_time_limit")
+    with open_source(image) as src:
+        report = inspect_source(src, format)
+        if not report.safe:  # the same inspector as every command, before a byte of the guest is read
+            raise report.rejected()
+        fmt = report.format or ""
+        facts = look(src, fmt, time_limit=time_limit)
+    if json_out:
+        render.emit_json(guest_document(image, fmt, facts))
+    else:
+        render.say(guest_text(image, facts, verbose=not brief))
+    return 0
+
+
 CompressionOpt = Annotated[
     str, typer.Option(help="zlib (every reader), zstd (much faster; readers need QEMU >= 5.1) or none.")
 ]
@@ -236,6 +271,18 @@ def convert_cmd(
 NameOpt = Annotated[str | None, typer.Option("--name", "-n", help="Image name (required).")]
 ArchOpt = Annotated[str | None, typer.Option("--arch", "-a", help="x86_64 or i686 (required).")]
 ModeOpt = Annotated[str, typer.Option("--mode", "-m", help="virtio or compatibility.")]
+# metadata and prepare: unset means virtio, or what the guest says with --from-guest.
+MaybeModeOpt = Annotated[
+    str | None, typer.Option("--mode", "-m", help="virtio (default) or compatibility.", show_default=False)
+]
+FromGuestOpt = Annotated[
+    bool,
+    typer.Option(
+        "--from-guest",
+        help="Read the guest's files: fill --arch, --mode and --username when not given; "
+        "refuse values its files contradict.",
+    ),
+]
 UserOpt = Annotated[str | None, typer.Option("--username", "-u", help="Default login (gets the SSH key).")]
 PublicOpt = Annotated[bool, typer.Option("--public/--private", help="Who may use it (default private).")]
 DescOpt = Annotated[str | None, typer.Option("--description", "-d", help="Free text.")]
@@ -267,6 +314,18 @@ def _show_prepared(
     return 0
 
 
+def _from_guest(
+    image: str, arch: str | None, mode: str | None, username: str | None, claimed_format: str | None = None
+) -> tuple[str | None, str, str | None, tuple[str, ...]]:
+    """--from-guest: (arch, mode, username, notes) with what the guest's files say filled in."""
+    from imagetool.guest.compare import fill, look_at_path
+    from imagetool.metadata import _canonical_arch
+
+    facts = look_at_path(image, claimed_format)
+    filled = fill(facts, arch=_canonical_arch(arch)[0] if arch else None, mode=mode, username=username)
+    return arch or filled.arch, filled.mode or "virtio", filled.username, filled.notes
+
+
 def _size_or_none(text: str | None) -> int | None:
     from imagetool.sizes import parse_size
 
@@ -278,7 +337,7 @@ def metadata_cmd(
     image: Annotated[str, typer.Argument(help="The image to describe (qcow2 or raw).")],
     name: NameOpt = None,
     arch: ArchOpt = None,
-    mode: ModeOpt = "virtio",
+    mode: MaybeModeOpt = None,
     username: UserOpt = None,
     public: PublicOpt = False,
     description: DescOpt = None,
@@ -287,16 +346,22 @@ def metadata_cmd(
     server_disk: ServerDiskOpt = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Default: IMAGE.json.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    from_guest: FromGuestOpt = False,
     json_out: JsonOpt = False,
 ) -> int:
     """Write the registration metadata JSON for an image, and print the register command."""
     from imagetool import render
     from imagetool.metadata import registration, write_metadata
 
+    guest_notes: tuple[str, ...] = ()
+    if from_guest:
+        arch, mode, username, guest_notes = _from_guest(image, arch, mode, username)
     reg = registration(
-        name=name, arch=arch, mode=mode, username=username, public=public,
+        name=name, arch=arch, mode=mode or "virtio", username=username, public=public,
         description=description, min_ram=min_ram, url=url,
     )  # fmt: skip
+    for note in guest_notes:
+        render.note_line(note)
     path, doc = write_metadata(image, reg, output=output, server_disk=_size_or_none(server_disk), force=force)
     for note in reg.notes:
         render.note_line(note)
@@ -312,7 +377,7 @@ def prepare_cmd(
     source: Annotated[str, typer.Argument(help="The input disk image.")],
     name: NameOpt = None,
     arch: ArchOpt = None,
-    mode: ModeOpt = "virtio",
+    mode: MaybeModeOpt = None,
     username: UserOpt = None,
     public: PublicOpt = False,
     description: DescOpt = None,
@@ -336,18 +401,25 @@ def prepare_cmd(
     verify: VerifyOpt = True,
     force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
     format: FormatOpt = None,
+    from_guest: FromGuestOpt = False,
     json_out: JsonOpt = False,
 ) -> int:
     """The main job: inspect, convert (50 GB gate), verify, and write the metadata."""
+    from imagetool import render
     from imagetool.metadata import registration
     from imagetool.prepare import prepare
     from imagetool.progress import renderer
     from imagetool.sizes import parse_size
 
+    guest_notes: tuple[str, ...] = ()
+    if from_guest:  # before anything is written, like every other check of prepare
+        arch, mode, username, guest_notes = _from_guest(source, arch, mode, username, format)
     reg = registration(
-        name=name, arch=arch, mode=mode, username=username, public=public,
+        name=name, arch=arch, mode=mode or "virtio", username=username, public=public,
         description=description, min_ram=min_ram, url=url,
     )  # fmt: skip
+    for note in guest_notes:
+        render.note_line(note)
     limit = parse_size(max_compressed_size)
     show = renderer(progress, "preparing")
     try:
@@ -473,6 +545,10 @@ def preflight_cmd(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --junit file.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too.")] = False,
+    guest: Annotated[
+        bool,
+        typer.Option("--guest", help="Also read the guest's files: arch, mode and username must agree."),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> int:
     """Check an image (and its metadata) before upload; exit 0 only when nothing fails."""
@@ -485,7 +561,12 @@ def preflight_cmd(
     if junit:  # refused before any work, like every output
         output.check_target(Path(junit), force=force, inputs=inputs)
     result = preflight(
-        image, metadata=metadata, server_disk=_size_or_none(server_disk), limit=limit, strict=strict
+        image,
+        metadata=metadata,
+        server_disk=_size_or_none(server_disk),
+        limit=limit,
+        strict=strict,
+        guest=guest,
     )
     if junit:
         output.write_file(Path(junit), result.junit().encode(), force=force, inputs=inputs)
@@ -517,7 +598,9 @@ def main(argv: list[str] | None = None) -> int:
         except typer.TyperException as exc:  # the command line itself is wrong
             message = exc.format_message()
             if "\n" in message:  # `imagetool` alone: click's help text is the message
-                render.error_line("a command is required: inspect, convert, metadata, prepare or preflight")
+                render.error_line(
+                    "a command is required: inspect, guest, convert, metadata, prepare or preflight"
+                )
                 message = "a command is required (see imagetool --help)"
             else:
                 where = "" if name == "imagetool" else f"{name} "

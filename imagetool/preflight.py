@@ -293,6 +293,26 @@ def _metadata_checks(read: _Read, src: Source, report: Report) -> tuple[list[Che
     return [_schema_check([]), matches, registration], _trusted_disk_size(doc, report)
 
 
+def _guest_checks(src: Source, report: Report, read: _Read | None) -> list[Check]:
+    """`--guest`: the guest's own files against the registration (docs/guest-reading.md).
+
+    A certain contradiction fails (the server would not boot, or the key would go to
+    another login); a likely one warns; what the guest does not tell passes.
+    """
+    from imagetool.guest import look
+    from imagetool.guest.compare import compare
+
+    facts = look(src, report.format or "")
+    body: dict[str, Any] = {}
+    if read is not None and read.problem is None and not schema_errors(read.parsed):
+        body = dict(cast(MetadataDocument, read.parsed)["registration"])
+    mode = None
+    if "compatibility_mode" in body:
+        mode = "compatibility" if body["compatibility_mode"] else "virtio"
+    findings = compare(facts, arch=body.get("arch"), mode=mode, username=body.get("username"))
+    return [Check(f"guest_{f.field}", f.severity, f.message, f.code) for f in findings]
+
+
 def preflight(
     image: str,
     *,
@@ -301,6 +321,7 @@ def preflight(
     limit: int = DEFAULT_LIMIT,
     strict: bool = False,
     max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
+    guest: bool = False,
 ) -> PreflightResult:
     result = PreflightResult(image=image, strict=strict)
     read = _read_metadata(metadata) if metadata else None
@@ -318,11 +339,13 @@ def preflight(
             return result
         result.checks.append(Check("inspect", "pass", f"safe: {', '.join(report.checks)} passed"))
         meta_checks, exact = _metadata_checks(read, src, report) if read is not None else ([], None)
+        guest_checks = _guest_checks(src, report, read) if guest else []
     result.checks += [
         *_format_checks(report),
         _compressed_size_check(report, limit),
         _disk_size_check(report, exact),
         _server_disk_check(report, server_disk),
         *meta_checks,
+        *guest_checks,
     ]
     return result
