@@ -315,14 +315,21 @@ def _show_prepared(
 
 
 def _from_guest(
-    image: str, arch: str | None, mode: str | None, username: str | None, claimed_format: str | None = None
+    image: str,
+    arch: str | None,
+    mode: str | None,
+    username: str | None,
+    force: bool,
+    claimed_format: str | None = None,
 ) -> tuple[str | None, str, str | None, tuple[str, ...]]:
     """--from-guest: (arch, mode, username, notes) with what the guest's files say filled in."""
     from imagetool.guest.compare import fill, look_at_path
     from imagetool.metadata import _canonical_arch
 
     facts = look_at_path(image, claimed_format)
-    filled = fill(facts, arch=_canonical_arch(arch)[0] if arch else None, mode=mode, username=username)
+    filled = fill(
+        facts, arch=_canonical_arch(arch)[0] if arch else None, mode=mode, username=username, force=force
+    )
     return arch or filled.arch, filled.mode or "virtio", filled.username, filled.notes
 
 
@@ -355,7 +362,7 @@ def metadata_cmd(
 
     guest_notes: tuple[str, ...] = ()
     if from_guest:
-        arch, mode, username, guest_notes = _from_guest(image, arch, mode, username)
+        arch, mode, username, guest_notes = _from_guest(image, arch, mode, username, force)
     reg = registration(
         name=name, arch=arch, mode=mode or "virtio", username=username, public=public,
         description=description, min_ram=min_ram, url=url,
@@ -413,7 +420,7 @@ def prepare_cmd(
 
     guest_notes: tuple[str, ...] = ()
     if from_guest:  # before anything is written, like every other check of prepare
-        arch, mode, username, guest_notes = _from_guest(source, arch, mode, username, format)
+        arch, mode, username, guest_notes = _from_guest(source, arch, mode, username, force, format)
     reg = registration(
         name=name, arch=arch, mode=mode or "virtio", username=username, public=public,
         description=description, min_ram=min_ram, url=url,

@@ -708,10 +708,13 @@ def test_cli_metadata_from_guest(cli: Any, debian_like: Path, tmp_path: Path) ->
     assert "--arch x86_64 from the guest (certain" in r.err
     r = cli("metadata", debian_like, "--name", "deb", "--arch", "amd64", "--from-guest", "-o", out, "--force")
     assert r.code == 0, r.err  # amd64 is x86_64
-    r = cli("metadata", debian_like, "--name", "deb", "--arch", "i686", "--from-guest", "-o", out, "--force")
-    assert r.code == 2 and "the guest says 'x86_64' (certain)" in r.err
-    r = cli("metadata", debian_like, "--name", "deb", "-u", "root", "--from-guest", "-o", out, "--force")
-    assert r.code == 2 and "username is 'root' but the guest says 'admin'" in r.err
+    other = tmp_path / "other.json"
+    r = cli("metadata", debian_like, "--name", "deb", "--arch", "i686", "--from-guest", "-o", other)
+    assert r.code == 3 and "the guest says 'x86_64' (certain)" in r.err and not other.exists()
+    r = cli("metadata", debian_like, "--name", "deb", "-u", "root", "--from-guest", "-o", other)
+    assert r.code == 3 and "username is 'root' but the guest says 'admin'" in r.err and not other.exists()
+    r = cli("metadata", debian_like, "--name", "deb", "-u", "root", "--from-guest", "-o", other, "--force")
+    assert r.code == 0 and "kept with --force" in r.err  # the user's word, knowingly
 
 
 def test_cli_preflight_guest(cli: Any, debian_like: Path, tmp_path: Path) -> None:

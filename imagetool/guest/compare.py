@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from imagetool.errors import UsageProblem
+from imagetool.errors import ImageRejected, Reason
 from imagetool.guest.facts import CERTAIN, LIKELY, Answer, GuestFacts
 
 Severity = Literal["pass", "warn", "fail"]
@@ -72,13 +72,18 @@ class Filled:
     notes: tuple[str, ...]
 
 
-def fill(facts: GuestFacts, *, arch: str | None, mode: str | None, username: str | None) -> Filled:
-    """Values not given are taken from certain or likely answers; a certain contradiction is refused."""
+def fill(
+    facts: GuestFacts, *, arch: str | None, mode: str | None, username: str | None, force: bool = False
+) -> Filled:
+    """Values not given are taken from certain or likely answers; a certain contradiction is refused
+    (exit 3: the image would not boot, or the key would go to another login) unless `force`."""
     problems = [f for f in compare(facts, arch=arch, mode=mode, username=username) if f.severity == "fail"]
-    if problems:
-        first = problems[0]
-        raise UsageProblem(f"--{first.field}: {first.message}", code=first.code or "guest_mismatch")
     notes: list[str] = []
+    if problems and not force:
+        first = problems[0]
+        message = f"--{first.field}: {first.message} (pass --force to keep it)"
+        raise ImageRejected(message, [Reason(first.code or "guest_mismatch", message)])
+    notes += [f"--{f.field} kept with --force: {f.message}" for f in problems]
     values = {"arch": arch, "mode": mode, "username": username}
     for name, answer in (("arch", facts.arch), ("mode", facts.mode), ("username", facts.username)):
         if values[name] is not None:
