@@ -278,9 +278,9 @@ MaybeModeOpt = Annotated[
 FromGuestOpt = Annotated[
     bool,
     typer.Option(
-        "--from-guest",
-        help="Read the guest's files: fill --arch, --mode and --username when not given; "
-        "refuse values its files contradict.",
+        "--from-guest/--no-from-guest",
+        help="Read the guest's files (default): fill --arch, --mode and --username when not given; "
+        "refuse values its files contradict (exit 3; --force keeps them).",
     ),
 ]
 UserOpt = Annotated[str | None, typer.Option("--username", "-u", help="Default login (gets the SSH key).")]
@@ -353,7 +353,7 @@ def metadata_cmd(
     server_disk: ServerDiskOpt = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Default: IMAGE.json.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
-    from_guest: FromGuestOpt = False,
+    from_guest: FromGuestOpt = True,
     json_out: JsonOpt = False,
 ) -> int:
     """Write the registration metadata JSON for an image, and print the register command."""
@@ -408,7 +408,7 @@ def prepare_cmd(
     verify: VerifyOpt = True,
     force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
     format: FormatOpt = None,
-    from_guest: FromGuestOpt = False,
+    from_guest: FromGuestOpt = True,
     json_out: JsonOpt = False,
 ) -> int:
     """The main job: inspect, convert (50 GB gate), verify, and write the metadata."""

@@ -97,13 +97,23 @@ def fill(
 
 
 def look_at_path(path: str, claimed_format: str | None = None, *, time_limit: float = 10.0) -> GuestFacts:
-    """Open, inspect (refusing an unsafe image like every command) and look, for the CLI's --from-guest."""
+    """Open, check the header (refusing an unsafe image like every command) and look, for --from-guest.
+
+    The header stage, not the whole inspection: the guest readers need a safe format, not
+    the disk_size scan or qemu-img's checks, which the command that follows runs anyway.
+    """
+    from imagetool.detect import detect, normalize_format
     from imagetool.guest.look import look
-    from imagetool.inspection import inspect_source
     from imagetool.source import open_source
 
     with open_source(path) as src:
-        report = inspect_source(src, claimed_format)
-        if not report.safe:
-            raise report.rejected()
-        return look(src, report.format or "", time_limit=time_limit)
+        found = detect(src)
+        reasons = list(found.reasons)
+        claimed = normalize_format(claimed_format) if claimed_format else None
+        if found.format and claimed and found.format != claimed:
+            reasons.append(
+                Reason("format_mismatch", f"claimed format {claimed} but the content is {found.format}")
+            )
+        if reasons:
+            raise ImageRejected(reasons[0].message, reasons, path=path)
+        return look(src, found.format or "", time_limit=time_limit)
