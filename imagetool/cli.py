@@ -126,18 +126,38 @@ def inspect_cmd(
     max_virtual_size: Annotated[
         str, typer.Option(help="Refuse images whose virtual size is larger (binary units: 4T = 4 TiB).")
     ] = "4T",
+    guest: Annotated[
+        bool,
+        typer.Option(
+            "--guest/--no-guest", help="Also read the guest's arch, mode and username (safe images)."
+        ),
+    ] = True,
     json_out: JsonOpt = False,
 ) -> int:
     """Report an image's true format, sizes and whether it is safe to touch."""
     from imagetool import render
-    from imagetool.inspection import inspect_image
+    from imagetool.inspection import Report, inspect_image
     from imagetool.sizes import parse_size
+    from imagetool.source import Source
 
-    report = inspect_image(image, format, parse_size(max_virtual_size))
+    inside: dict[str, Any] = {}
+
+    def look_inside(src: Source, report: Report) -> None:
+        if guest and report.safe and report.format in ("raw", "qcow2"):
+            from imagetool.guest import look
+            from imagetool.guest.report import guest_text
+
+            facts = look(src, report.format)
+            inside["json"], inside["text"] = facts.as_dict(), guest_text(src.path, facts, verbose=False)
+
+    report = inspect_image(image, format, parse_size(max_virtual_size), then=look_inside)
     if json_out:
-        render.emit_json(report.as_dict())
+        render.emit_json(report.as_dict() | ({"guest": inside["json"]} if inside else {}))
     else:
-        render.say(render.inspect_text(report))
+        guest_lines = inside["text"].splitlines()[1:] if inside else []
+        render.say(
+            "\n".join([render.inspect_text(report), *(f"  guest {line.strip()}" for line in guest_lines)])
+        )
     render.rejection_line(report)
     return report.exit_code
 

@@ -9,6 +9,7 @@ Each stage that finds a problem stops the pipeline and names it in `reasons`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -106,12 +107,22 @@ class _Findings:
 
 
 def inspect_image(
-    path: str, claimed_format: str | None = None, max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE
+    path: str,
+    claimed_format: str | None = None,
+    max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE,
+    then: Callable[[Source, Report], None] | None = None,
 ) -> Report:
-    """Inspect the file at `path`; an unsafe image gives a report with `safe: False`."""
+    """Inspect the file at `path`; an unsafe image gives a report with `safe: False`.
+
+    `then` gets the open file and its report, to read more of it through the same
+    descriptor (`inspect` looks inside the guest there).
+    """
     try:
         with open_source(path) as src:
-            return inspect_source(src, claimed_format, max_virtual_size)
+            report = inspect_source(src, claimed_format, max_virtual_size)
+            if then is not None:
+                then(src, report)
+            return report
     except ImageRejected as exc:  # refused before it could be opened (directory, FIFO, …)
         return Report(path=path, reasons=tuple(exc.reasons), checks=("regular_file",))
 

@@ -820,3 +820,14 @@ def test_time_running_out_in_the_initramfs_still_answers_the_mode(
     assert "must be in the initramfs, which was not read: virtio is likely" in evidence(facts, "mode")
     assert answers(facts)["arch"] == ("x86_64", "certain")
     assert facts.as_dict()["kernels"][0]["initramfs"]["status"] == "not_checked"
+
+
+def test_inspect_carries_the_guest_facts(cli: Any, debian_like: Path) -> None:
+    r = cli("inspect", debian_like, "--json")
+    assert r.code == 0, r.err
+    guest = r.json["guest"]
+    assert guest["arch"]["value"] == "x86_64" and guest["arch"]["confidence"] == "certain"
+    assert guest["username"]["value"] == "admin"
+    text = cli("inspect", debian_like)
+    assert "  guest arch      x86_64 [certain]" in text.out
+    assert "guest" not in cli("inspect", debian_like, "--no-guest", "--json").json
