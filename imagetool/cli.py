@@ -573,9 +573,14 @@ def preflight_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --junit file.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Warnings fail too.")] = False,
     guest: Annotated[
-        bool,
-        typer.Option("--guest", help="Also read the guest's files: arch, mode and username must agree."),
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--guest/--no-guest",
+            help="Read the guest's files: arch, mode and username must agree with the metadata "
+            "(default: on with --metadata).",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> int:
     """Check an image (and its metadata) before upload; exit 0 only when nothing fails."""
@@ -593,7 +598,7 @@ def preflight_cmd(
         server_disk=_size_or_none(server_disk),
         limit=limit,
         strict=strict,
-        guest=guest,
+        guest=metadata is not None if guest is None else guest,
     )
     if junit:
         output.write_file(Path(junit), result.junit().encode(), force=force, inputs=inputs)

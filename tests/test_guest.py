@@ -731,6 +731,9 @@ def test_cli_preflight_guest(cli: Any, debian_like: Path, tmp_path: Path) -> Non
     checks = {c["name"]: c for c in r.json["checks"]}
     assert checks["guest_arch"]["status"] == "fail" and checks["guest_arch"]["code"] == "guest_arch_mismatch"
     assert r.code == 3
+    by_default = cli("preflight", debian_like, "--metadata", meta, "--json")  # --metadata reads the guest
+    assert by_default.code == 3 and "guest_arch_mismatch" in by_default.err
+    assert cli("preflight", debian_like, "--metadata", meta, "--no-guest").code == 0
 
 
 def test_bytes_that_are_not_the_claimed_format(debian_like: Path) -> None:

@@ -44,11 +44,15 @@ def test_prepared_image_passes_every_check(cli, prepared, tmp_path):
         "metadata_schema",
         "metadata_matches",
         "metadata_registration",
+        # with --metadata, the guest's files are read too (the sample has no OS: nothing to contradict)
+        "guest_arch",
+        "guest_mode",
+        "guest_username",
     } == set(statuses(result))
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite is not None
-    assert suite.get("tests") == "9" and suite.get("failures") == "0"
-    assert len(suite.findall("testcase")) == 9
+    assert suite.get("tests") == "12" and suite.get("failures") == "0"
+    assert len(suite.findall("testcase")) == 12
 
 
 def test_matching_metadata_supplies_the_exact_disk_size(cli, prepared):
