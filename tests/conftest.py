@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,25 @@ def start_imagetool(*args: str | os.PathLike[str]) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+SLOW_CONVERT = ("--engine", "qemu", "--threads", "1", "--progress", "json")  # seconds, with progress lines
+
+
+def start_slow_convert(source: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    """`imagetool convert` by qemu-img on one thread, printing progress: a run to interrupt or watch."""
+    return start_imagetool("convert", source, "-o", out, *SLOW_CONVERT, *extra)
+
+
+def wait_until_writing(proc: subprocess.Popen[str]) -> None:
+    """Read the run's progress lines until the output has bytes in it."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if line.startswith("{") and json.loads(line)["output_bytes"] > 0:
+            return
+    raise AssertionError("conversion never started")
 
 
 def make_qcow2(path: Path, size: str = "64M", *opts: str) -> Path:

@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, make_qcow2, qemu_img, slow_input, sparse_raw, start_imagetool
+from conftest import (
+    SAMPLE,
+    make_qcow2,
+    qemu_img,
+    slow_input,
+    sparse_raw,
+    start_slow_convert,
+    wait_until_writing,
+)
 
 from imagetool import convert as convert_mod
 from imagetool import qemu
@@ -351,25 +359,8 @@ def test_bad_options_are_usage_errors(cli, tmp_path, args, words):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupt_mid_run_removes_partial_output(tmp_path, sig):
     out = tmp_path / "out.qcow2"
-    proc = start_imagetool(
-        "convert",
-        slow_input(tmp_path),
-        "-o",
-        out,
-        "--engine",
-        "qemu",
-        "--threads",
-        "1",
-        "--progress",
-        "json",
-        "--json",
-    )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # wait until qemu-img is writing
-        line = proc.stderr.readline()
-        if line.startswith("{") and json.loads(line)["output_bytes"] > 0:
-            break
+    proc = start_slow_convert(slow_input(tmp_path), out, "--json")
+    wait_until_writing(proc)
     assert leftovers(tmp_path), "conversion should be under way"
     qemu_children = children_named(proc.pid, "qemu-img")
     assert qemu_children, "qemu-img should be running"

@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, make_qcow2, qemu_img, slow_input, sparse_raw, start_imagetool
+from conftest import (
+    SAMPLE,
+    make_qcow2,
+    qemu_img,
+    slow_input,
+    sparse_raw,
+    start_imagetool,
+    start_slow_convert,
+    wait_until_writing,
+)
 
 from imagetool import output
 
@@ -32,16 +41,6 @@ def imagetool_shell(script: str, **env: str) -> subprocess.CompletedProcess[byte
     """Run a bash line where `imagetool` is this interpreter's CLI (for <&-, ulimit, odd names)."""
     full_env = {**os.environ, "IMAGETOOL": f"{sys.executable} -m imagetool", **env}
     return subprocess.run(["bash", "-c", script], capture_output=True, env=full_env, timeout=60)
-
-
-def wait_until_writing(proc: subprocess.Popen[str]) -> None:
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if line.startswith("{") and json.loads(line)["output_bytes"] > 0:
-            return
-    raise AssertionError("conversion never started")
 
 
 def alive(pid: int) -> bool:
@@ -111,20 +110,7 @@ def test_convert_refuses_a_hard_link_to_its_input(cli, tmp_path):
 def test_source_changed_during_convert_keeps_nothing(tmp_path, change, verify):
     src = slow_input(tmp_path)
     out = tmp_path / "out.qcow2"
-    proc = start_imagetool(
-        "convert",
-        src,
-        "-o",
-        out,
-        "--engine",
-        "qemu",
-        "--threads",
-        "1",
-        "--progress",
-        "json",
-        "--json",
-        verify,
-    )
+    proc = start_slow_convert(src, out, "--json", verify)
     wait_until_writing(proc)
     with src.open("r+b") as f:
         f.truncate(src.stat().st_size // 2 if change == "truncate" else src.stat().st_size + MiB)
@@ -141,9 +127,7 @@ def test_source_changed_during_convert_keeps_nothing(tmp_path, change, verify):
 @pytest.mark.slow
 def test_sigkill_takes_qemu_img_down_and_a_later_run_removes_the_temp(cli, tmp_path):
     out = tmp_path / "out.qcow2"
-    proc = start_imagetool(
-        "convert", slow_input(tmp_path), "-o", out, "--engine", "qemu", "--threads", "1", "--progress", "json"
-    )
+    proc = start_slow_convert(slow_input(tmp_path), out)
     wait_until_writing(proc)
     children = qemu_children(proc.pid)
     assert children, "qemu-img should be running"
@@ -470,18 +454,7 @@ def test_a_ignored_hangup_stays_ignored(tmp_path):
     out = tmp_path / "o.qcow2"
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does; children inherit it
     try:
-        proc = start_imagetool(
-            "convert",
-            slow_input(tmp_path),
-            "-o",
-            out,
-            "--engine",
-            "qemu",
-            "--threads",
-            "1",
-            "--progress",
-            "json",
-        )
+        proc = start_slow_convert(slow_input(tmp_path), out)
     finally:
         signal.signal(signal.SIGHUP, previous)
     wait_until_writing(proc)
