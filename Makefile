@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 SAMPLE  := fixtures/sample.raw
 
-.PHONY: setup system-deps demo test lint bench clean lock
+.PHONY: setup system-deps demo test lint bench clean lock swift-deps swift-up swift-down
 
 system-deps:
 	@missing=""; \
@@ -18,6 +18,7 @@ system-deps:
 	command -v mkfs.btrfs >/dev/null 2>&1 || missing="$$missing btrfs-progs"; \
 	command -v cpio >/dev/null 2>&1 || missing="$$missing cpio"; \
 	command -v lz4 >/dev/null 2>&1 || missing="$$missing lz4"; \
+	command -v memcached >/dev/null 2>&1 || missing="$$missing memcached"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \
@@ -52,7 +53,7 @@ demo: setup
 	  --name sample-demo --arch x86_64 --username ubuntu --description "imagetool demo"
 	$(BIN)/imagetool preflight $(DEMO)/sample.qcow2 --metadata $(DEMO)/sample.qcow2.json --server-disk 20G
 
-test: setup
+test: setup swift-deps
 	$(BIN)/pytest -q
 
 lint: setup
@@ -67,5 +68,33 @@ bench: setup
 	cd bench && ../$(BIN)/python inspect_bench.py && ../$(BIN)/python convert_bench.py && ../$(BIN)/python disk_size_bench.py && ../$(BIN)/python writer_bench.py \
 	  && ../$(BIN)/python guest_bench.py
 
-clean:
+clean: swift-down
 	rm -rf $(VENV) bench/work build .pytest_cache
+
+# A real OpenStack Swift on 127.0.0.1 for the integration tests (tests/swift/swiftctl).
+# Swift gets its own hash-checked venv so its pins never meet the project's; memcached is
+# Debian's (tempauth keeps its tokens there). `make swift-up` prints ST_AUTH/ST_USER/ST_KEY.
+SWIFT_VENV  := .swift-venv
+SWIFT_STAMP := $(SWIFT_VENV)/.installed
+SWIFT_DIR   ?= build/swift
+
+$(SWIFT_STAMP): tests/swift/requirements.lock
+	$(PYTHON) -m venv $(SWIFT_VENV)
+	$(SWIFT_VENV)/bin/pip install -q --require-hashes -r tests/swift/requirements.lock
+	touch $@
+
+swift-deps: $(SWIFT_STAMP)
+	@command -v memcached >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: memcached"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq memcached >/dev/null; \
+	  else \
+	    echo "missing Debian packages; run: sudo apt-get install -y memcached" >&2; exit 1; \
+	  fi; \
+	}
+
+swift-up: swift-deps
+	@$(PYTHON) tests/swift/swiftctl up --dir $(SWIFT_DIR)
+
+swift-down:
+	@$(PYTHON) tests/swift/swiftctl down --dir $(SWIFT_DIR)
