@@ -613,6 +613,229 @@ def preflight_cmd(
     return result.exit_code
 
 
+MetadataOpt = Annotated[
+    str | None, typer.Option("--metadata", help="The image's metadata document (default: IMAGE.json).")
+]
+ContainerOpt = Annotated[str, typer.Option("--container", "-c", help="Your Orbit (Swift) container.")]
+ExpiresOpt = Annotated[
+    str, typer.Option(help="When the temp URL stops working: 90m, 36h, 2d or an ISO time (UTC unless given).")
+]
+SegmentSizeOpt = Annotated[
+    str, typer.Option(help="Upload in segments (a Static Large Object) above this size (binary units).")
+]
+UploadThreadsOpt = Annotated[int, typer.Option("--threads", help="Segments sent at once (1-32).")]
+SetKeyOpt = Annotated[
+    bool,
+    typer.Option("--set-temp-url-key", help="If the account has no temp-URL key, set a strong random one."),
+]
+VerifyDownloadOpt = Annotated[
+    bool,
+    typer.Option("--verify-download", help="Stream the object back through the temp URL and compare sha256."),
+]
+RetriesOpt = Annotated[int, typer.Option(help="Retries of a failed request, with backoff (0-10).")]
+
+
+def _upload_options(
+    container: str,
+    obj: str | None,
+    segment_container: str | None,
+    segment_size: str,
+    expires: str,
+    threads: int,
+    set_temp_url_key: bool,
+    verify_download: bool,
+    retries: int,
+) -> Any:
+    from imagetool.upload import Options, check_options, parse_segment_size
+
+    opts = Options(
+        container=container, object=obj, segment_container=segment_container,
+        segment_size=parse_segment_size(segment_size), expires=expires, threads=threads,
+        set_temp_url_key=set_temp_url_key, verify_download=verify_download, retries=retries,
+    )  # fmt: skip
+    check_options(opts)
+    return opts
+
+
+@command("upload")
+def upload_cmd(
+    image: Annotated[str, typer.Argument(help="The prepared qcow2 (or raw) image.")],
+    container: ContainerOpt,
+    metadata: MetadataOpt = None,
+    obj: Annotated[
+        str | None, typer.Option("--object", help="Object name (default: the image's file name).")
+    ] = None,
+    segment_container: Annotated[
+        str | None, typer.Option(help="Where segments go (default: CONTAINER_segments).")
+    ] = None,
+    expires: ExpiresOpt = "2d",
+    segment_size: SegmentSizeOpt = "1G",
+    threads: UploadThreadsOpt = 4,
+    set_temp_url_key: SetKeyOpt = False,
+    verify_download: VerifyDownloadOpt = False,
+    retries: RetriesOpt = 5,
+    progress: ProgressOpt = "auto",
+    json_out: JsonOpt = False,
+) -> int:
+    """Upload to Orbit (Swift), sign a temp URL and write it into the metadata (resumable)."""
+    from imagetool import render
+    from imagetool.progress import renderer
+    from imagetool.upload import upload
+
+    opts = _upload_options(
+        container, obj, segment_container, segment_size, expires, threads, set_temp_url_key,
+        verify_download, retries,
+    )  # fmt: skip
+    show = renderer(progress, "uploading")
+    try:
+        result = upload(image, opts, metadata=metadata, on_progress=show)
+    finally:
+        show.close()
+    if json_out:
+        render.emit_json(result.as_dict())
+    else:
+        render.say(render.upload_text(result))
+    return 0
+
+
+WaitOpt = Annotated[
+    bool, typer.Option("--wait", help="Follow the library until the image is available (or failed).")
+]
+TimeoutOpt = Annotated[str, typer.Option(help="How long --wait follows it: 90s, 30m, 2h.")]
+
+
+def _status_line(progress: str) -> Callable[[Any], None]:
+    """What --wait shows: each change of the library's status and disk_size (MiB grows while creating)."""
+    from imagetool import render
+
+    last: list[tuple[object, object]] = []
+
+    def show(image: Any) -> None:
+        now = (image.get("status"), image.get("disk_size"))
+        if progress != "none" and (not last or last[-1] != now):
+            last.append(now)
+            render.note_line(f"{image.get('id')}: {now[0]}, disk_size {now[1]} MiB")
+
+    return show
+
+
+@command("register")
+def register_cmd(
+    metadata: Annotated[str, typer.Argument(help="The uploaded image's metadata document (IMAGE.json).")],
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = "30m",
+    progress: ProgressOpt = "auto",
+    json_out: JsonOpt = False,
+) -> int:
+    """Register the uploaded image with the image library (POST /1.0/images); never twice."""
+    from imagetool import render
+    from imagetool.durations import parse_duration
+    from imagetool.register import register
+
+    seconds = parse_duration(timeout, "--timeout")
+    result = register(metadata, wait=wait, timeout=seconds, on_status=_status_line(progress))
+    if json_out:
+        render.emit_json(result.as_dict())
+    else:
+        render.say(render.register_text(result))
+    for warning in result.warnings:
+        render.warning_line(metadata, warning)
+    return 0
+
+
+@command("publish")
+def publish_cmd(
+    source: Annotated[str, typer.Argument(help="The input disk image.")],
+    container: ContainerOpt,
+    name: NameOpt = None,
+    arch: ArchOpt = None,
+    mode: MaybeModeOpt = None,
+    username: UserOpt = None,
+    public: PublicOpt = False,
+    description: DescOpt = None,
+    min_ram: MinRamOpt = None,
+    server_disk: ServerDiskOpt = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="The qcow2 to write (default: SOURCE with .qcow2).")
+    ] = None,
+    compression: CompressionOpt = "zlib",
+    engine: EngineOpt = "native",
+    level: LevelOpt = None,
+    threads: ThreadsOpt = None,
+    max_compressed_size: MaxCompressedOpt = "50G",
+    verify: VerifyOpt = True,
+    format: FormatOpt = None,
+    from_guest: FromGuestOpt = True,
+    obj: Annotated[
+        str | None, typer.Option("--object", help="Object name (default: the qcow2's name).")
+    ] = None,
+    segment_container: Annotated[
+        str | None, typer.Option(help="Where segments go (default: CONTAINER_segments).")
+    ] = None,
+    expires: ExpiresOpt = "2d",
+    segment_size: SegmentSizeOpt = "1G",
+    upload_threads: Annotated[int, typer.Option(help="Segments sent at once (1-32).")] = 4,
+    set_temp_url_key: SetKeyOpt = False,
+    verify_download: VerifyDownloadOpt = False,
+    retries: RetriesOpt = 5,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = "30m",
+    force: Annotated[
+        bool, typer.Option("--force", help="Start again: prepare anew over earlier outputs.")
+    ] = False,
+    progress: ProgressOpt = "auto",
+    json_out: JsonOpt = False,
+) -> int:
+    """prepare -> upload -> register in one go; a rerun continues from the first unfinished step."""
+    from imagetool import render
+    from imagetool.durations import parse_duration
+    from imagetool.metadata import registration
+    from imagetool.progress import renderer
+    from imagetool.publish import publish
+    from imagetool.sizes import parse_size
+
+    opts = _upload_options(
+        container, obj, segment_container, segment_size, expires, upload_threads, set_temp_url_key,
+        verify_download, retries,
+    )  # fmt: skip
+    seconds = parse_duration(timeout, "--timeout")
+    guest_notes: tuple[str, ...] = ()
+    if from_guest:
+        arch, mode, username, guest_notes = _from_guest(source, arch, mode, username, force, format)
+    reg = registration(
+        name=name, arch=arch, mode=mode or "virtio", username=username, public=public,
+        description=description, min_ram=min_ram,
+    )  # fmt: skip
+    for note in (*guest_notes, *reg.notes):
+        render.note_line(note)
+    shown: list[Any] = []
+
+    def step_progress(step: str) -> Any:
+        shown.append(renderer(progress, f"{step}"))
+        return shown[-1]
+
+    prepare_args = {
+        "server_disk": _size_or_none(server_disk), "compression": compression, "engine": engine,
+        "level": level, "threads": threads, "limit": parse_size(max_compressed_size), "verify": verify,
+        "claimed_format": format,
+    }  # fmt: skip
+    try:
+        result = publish(
+            source, reg, opts, prepare_args=prepare_args, output_path=output, force=force, wait=wait,
+            timeout=seconds, on_progress=step_progress, on_status=_status_line(progress),
+        )  # fmt: skip
+    finally:
+        for bar in shown:
+            bar.close()
+    if json_out:
+        render.emit_json(result.as_dict())
+    else:
+        render.say(render.publish_text(result))
+    for warning in result.warnings:
+        render.warning_line(result.metadata, warning)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: usage errors exit 2 (with JSON if asked), bugs exit 1, never a traceback."""
     from imagetool import render, signals
@@ -631,7 +854,8 @@ def main(argv: list[str] | None = None) -> int:
             message = exc.format_message()
             if "\n" in message:  # `imagetool` alone: click's help text is the message
                 render.error_line(
-                    "a command is required: inspect, guest, convert, metadata, prepare or preflight"
+                    "a command is required: inspect, guest, convert, metadata, prepare, snapshot, "
+                    "preflight, upload, register or publish"
                 )
                 message = "a command is required (see imagetool --help)"
             else:

@@ -40,9 +40,9 @@ from imagetool import __version__, qemu
 from imagetool.errors import ImageRejected, Reason, UsageProblem
 from imagetool.inspection import DEFAULT_MAX_VIRTUAL_SIZE, Report, inspect_source
 from imagetool.output import FileKey, check_target, write_file
-from imagetool.policy import MAX_JSON_DEPTH
+from imagetool.policy import MAX_JSON_DEPTH, MAX_METADATA_BYTES
 from imagetool.sizes import to_mib
-from imagetool.source import Source, open_source
+from imagetool.source import Source, open_source, read_small_file
 
 SCHEMA = "imagetool.metadata/1"
 State = Literal["creating", "available", "failed"]
@@ -146,6 +146,35 @@ class Tool(TypedDict):
     checks: list[str]
 
 
+class UploadRecord(TypedDict):
+    """Where `upload` put the image (never a key or token: the URL's signature is all it needs)."""
+
+    endpoint: str  # the Swift host[:port]
+    container: str
+    object: str
+    segment_container: str | None  # None for a one-piece object
+    segments: int  # 0 for a one-piece object
+    etag: str  # Swift's ETag: the md5 of the object, or of its segments' md5s for a large object
+    md5: str  # md5 of the whole image (the file the record describes)
+    bytes: int
+    uploaded_at: str
+    expires_at: str  # when the signed http_url stops working
+    digest: str  # what the temp URL is signed with
+    verified_download: bool
+
+
+class LibraryRecord(TypedDict, total=False):
+    """The image library's view of the registration, in the API's own words."""
+
+    api: Required[str]  # the API host
+    status: Required[str]  # `registering` until the API answered; then the API's status
+    image_id: str
+    attempt_started: str  # when a POST was first tried: a rerun looks for an image made since
+    checked_at: str
+    virtual_size_mib: int
+    disk_size_mib: int
+
+
 class MetadataDocument(TypedDict, total=False):
     schema: Required[str]
     registration: Required[RegistrationBody]
@@ -154,6 +183,8 @@ class MetadataDocument(TypedDict, total=False):
     status: Required[Status]
     tool: Required[Tool]
     register_command: Required[str]
+    upload: UploadRecord
+    library: LibraryRecord
 
 
 # --- the schema: the one description of the document ------------------------------------------
@@ -470,6 +501,29 @@ def default_metadata_path(image: str) -> Path:
 def write_document(target: Path, doc: MetadataDocument, *, force: bool, inputs: Collection[FileKey]) -> None:
     """Write the document atomically through output.py: never over an input, a link or (unforced) a file."""
     write_file(target, (json.dumps(doc, indent=2) + "\n").encode(), force=force, inputs=inputs)
+
+
+def read_document(path: Path) -> MetadataDocument:
+    """A document someone may have edited, read the safe way and used only once it validates."""
+    try:
+        doc = parse_document(read_small_file(str(path), MAX_METADATA_BYTES))
+    except ValueError as exc:
+        message = f"is not a metadata document: {exc}"
+        raise ImageRejected(message, [Reason("bad_metadata", message)], path=str(path)) from None
+    errors = schema_errors(doc)
+    if errors:
+        message = f"does not validate against {SCHEMA}: " + "; ".join(errors[:3])
+        raise ImageRejected(message, [Reason("bad_metadata", message)], path=str(path))
+    return cast(MetadataDocument, doc)
+
+
+def save_document(path: Path, doc: MetadataDocument, *, inputs: Collection[FileKey]) -> None:
+    """Rewrite a document we updated (atomically, everything else kept), its register line made anew."""
+    doc["register_command"] = Registration(body=doc["registration"]).register_command()
+    errors = schema_errors(json.loads(json.dumps(doc)))
+    if errors:  # a bug in what we added, never the user's input: it was validated on the way in
+        raise ValueError(f"{path}: the updated document does not validate: {errors}")
+    write_document(path, doc, force=True, inputs=inputs)
 
 
 def write_metadata(

@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # rendering must not import the operations it renders (start-
     from imagetool.convert import ConvertResult
     from imagetool.inspection import Report
     from imagetool.preflight import PreflightResult
+    from imagetool.publish import PublishResult
+    from imagetool.register import RegisterResult
+    from imagetool.upload import UploadResult
 
 ERROR_SCHEMA = "imagetool.error/1"
 
@@ -223,4 +226,52 @@ def preflight_text(result: PreflightResult) -> str:
     verdict = "PASS" if not result.failing() else "FAIL"
     lines = [f"preflight {clean(result.image)}: {verdict} ({summary})"]
     lines += [f"  {c.status:<5} {c.name:<22} {clean(c.message)}" for c in result.checks]
+    return "\n".join(lines)
+
+
+def upload_text(result: UploadResult) -> str:
+    r = result.record
+    if result.reused:
+        how = "already there, identical: only the URL was signed anew"
+    elif r["segments"]:
+        how = (
+            f"{r['segments']} segments ({result.sent_segments} sent, {result.kept_segments} kept from "
+            "an earlier run), Static Large Object"
+        )
+    else:
+        how = "one piece"
+    lines = [
+        f"{clean(result.image)} -> {clean(r['endpoint'])}/{clean(r['container'])}/{clean(r['object'])}: "
+        f"{_size(r['bytes'])}, {how}; size and ETag confirmed"
+        + (", download verified" if r["verified_download"] else ""),
+        f"  temp URL       signed with {r['digest']}, expires {r['expires_at']}",
+        f"  url            {clean(result.url)}",
+        f"  metadata       {clean(result.metadata)} (registration.http_url and upload set)",
+    ]
+    if result.temp_url_key_set:
+        lines.append("  temp-URL key   none was set: a random one was set on the account")
+    return "\n".join(lines)
+
+
+def register_text(result: RegisterResult) -> str:
+    how = (
+        "registered"
+        if result.created
+        else "adopted (made by an unanswered request)"
+        if result.adopted
+        else "on record"
+    )
+    sizes = ""
+    if result.virtual_size_mib is not None:
+        sizes = f", virtual_size {result.virtual_size_mib} MiB, disk_size {result.disk_size_mib} MiB"
+    return f"{clean(result.metadata)}: {result.image_id} {how}: {result.status}{sizes}"
+
+
+def publish_text(result: PublishResult) -> str:
+    steps = ", ".join(f"{step} {state}" for step, state in result.steps.items())
+    lines = [f"{clean(result.image)}: {steps}"]
+    if result.url:
+        lines.append(f"  url            {clean(result.url)}")
+    if result.registered is not None:
+        lines.append("  " + register_text(result.registered))
     return "\n".join(lines)

@@ -127,3 +127,43 @@ def assert_no_leak(tmp_path: Path, *texts: str) -> None:
     for path in tmp_path.rglob("*"):
         if path.is_file() and not path.is_symlink() and path.name != "canary.raw":
             assert CANARY.strip() not in path.read_bytes(), f"canary leaked into {path}"
+
+
+# --- a real Swift and the stand-in image API, for upload, register and publish -------------------
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "swift"))
+
+
+@pytest.fixture(scope="session")
+def swift_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real OpenStack Swift on 127.0.0.1 (tests/swift/swiftctl), one for the whole run."""
+    import cluster  # tests/swift/cluster.py
+
+    cluster.swift_deps()
+    running = cluster.start(tmp_path_factory.mktemp("swift"))
+    yield running
+    running.down()
+
+
+@pytest.fixture
+def swift_env(swift_cluster, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """ST_AUTH/ST_USER/ST_KEY of the test account, in the environment (and returned)."""
+    for name in [n for n in os.environ if n.startswith(("ST_", "OS_"))]:
+        monkeypatch.delenv(name)
+    for name, value in swift_cluster.env().items():
+        monkeypatch.setenv(name, value)
+    return dict(swift_cluster.env())
+
+
+@pytest.fixture
+def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The stand-in image-library API (tests/standin_api.py), its credentials in the environment."""
+    from standin_api import StandinAPI
+
+    api = StandinAPI(workdir=tmp_path / "standin").start()
+    monkeypatch.setenv("BRIGHTBOX_API_URL", api.url)
+    monkeypatch.setenv("BRIGHTBOX_CLIENT_ID", api.client_id)
+    monkeypatch.setenv("BRIGHTBOX_CLIENT_SECRET", api.client_secret)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no brightbox-cli config of the machine's
+    yield api
+    api.stop()

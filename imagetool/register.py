@@ -1,0 +1,278 @@
+"""`register`: ask the image library to fetch the uploaded image, and follow it to `available`.
+
+The body sent is exactly the document's `registration` (http_url included: the
+temp URL `upload` signed). The document records the library's answer in its own
+words (`library`: image id, status, sizes in MiB), so a rerun never registers
+twice: an image id on record is followed, not created again. Before the one
+POST, the document says `registering` with the time; if that POST gets no
+answer (or the process dies), the next attempt first looks for an image of this
+name made since then and adopts it instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from imagetool.durations import iso, parse_iso
+from imagetool.errors import EnvironmentProblem, ImageRejected, Reason
+from imagetool.library import ApiCredentials, Client, Unanswered, credentials
+from imagetool.metadata import LibraryRecord, MetadataDocument, read_document, save_document
+from imagetool.output import key_of
+
+SCHEMA = "imagetool.register/1"
+DEFAULT_TIMEOUT = 30 * 60
+URL_MARGIN = timedelta(minutes=10)  # a temp URL must outlive the library's download by at least this
+POLL = (2.0, 4.0, 8.0, 15.0)  # waits between looks while `creating` (the last one repeats)
+POST_TRIES = 3
+ADOPT_SKEW = timedelta(minutes=5)  # clock difference allowed between us and the API's created_at
+DONE = frozenset({"available", "failed", "deprecated", "unavailable", "deleting", "deleted"})
+
+StatusCallback = Callable[[Mapping[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    metadata: str
+    image_id: str
+    status: str
+    created: bool  # this run created the image (False: one on record, or adopted)
+    adopted: bool  # found an image an unanswered POST had made, and took it
+    waited: bool
+    virtual_size_mib: int | None
+    disk_size_mib: int | None
+    warnings: list[Reason] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "ok": self.status != "failed",
+            "metadata": self.metadata,
+            "image_id": self.image_id,
+            "status": self.status,
+            "created": self.created,
+            "adopted": self.adopted,
+            "waited": self.waited,
+            "virtual_size_mib": self.virtual_size_mib,
+            "disk_size_mib": self.disk_size_mib,
+            "warnings": [w.as_dict() for w in self.warnings],
+        }
+
+
+def _not_ready(path: Path, why: str, code: str) -> ImageRejected:
+    return ImageRejected(why, [Reason(code, why)], path=str(path))
+
+
+def check_ready(path: Path, doc: MetadataDocument, now: datetime) -> None:
+    """What registering needs of the document: finished, uploaded, a URL that outlives the download."""
+    if doc["status"]["state"] != "available":
+        raise _not_ready(path, f"status is {doc['status']['state']!r}, not 'available'", "not_ready")
+    if "username" not in doc["registration"]:
+        raise _not_ready(
+            path, "registration/username is missing (the login that gets the SSH key)", "not_ready"
+        )
+    upload = doc.get("upload")
+    if "http_url" not in doc["registration"] or upload is None:
+        raise _not_ready(path, "not uploaded yet: run imagetool upload first", "not_uploaded")
+    expires = parse_iso(upload["expires_at"])
+    if expires is None or expires < now + URL_MARGIN:
+        raise EnvironmentProblem(
+            f"the temp URL expires at {upload['expires_at']}, too soon for the library's download: "
+            "run imagetool upload again to sign a new one",
+            path=str(path),
+            code="url_expired",
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, doc: MetadataDocument) -> Iterator[None]:
+    """One register (or publish) per image at a time: an flock on the image file, never modified."""
+    image = path.parent / doc["image"]["file"]
+    target = image if key_of(image) is not None else path
+    fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EnvironmentProblem(
+                "another imagetool is registering this image: wait for it", path=str(path), code="busy"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _record(doc: MetadataDocument, api: str, image: Mapping[str, Any] | None, **extra: Any) -> None:
+    record: LibraryRecord = {"api": api, "status": "registering"}
+    if image is not None:
+        record["status"] = str(image["status"])
+        record["image_id"] = str(image["id"])
+        record["checked_at"] = iso(datetime.now(UTC))
+        for ours, theirs in (("virtual_size_mib", "virtual_size"), ("disk_size_mib", "disk_size")):
+            value = image.get(theirs)
+            if isinstance(value, int) and value >= 0:
+                record[ours] = value  # type: ignore[literal-required]
+    record.update(extra)  # type: ignore[typeddict-item]
+    doc["library"] = record
+
+
+def _adoptable(
+    client: Client, body: Mapping[str, Any], since: datetime, known: set[str]
+) -> list[dict[str, Any]]:
+    """Images an unanswered POST of this body may have made: same name and arch, new since `since`."""
+    found = []
+    for image in client.images():
+        created = parse_iso(str(image.get("created_at", "")))
+        if image.get("id") in known or created is None or created < since - ADOPT_SKEW:
+            continue
+        if image.get("name") == body["name"] and image.get("arch") == body["arch"]:
+            found.append(image)
+    return found
+
+
+def _create(
+    client: Client, body: Mapping[str, Any], since: datetime, sleep: Callable[[float], None]
+) -> tuple[dict[str, Any], bool]:
+    """POST the body; after no answer, adopt what it made or try again. (image, adopted)."""
+    known = {str(image.get("id")) for image in client.images()}
+    for attempt in range(POST_TRIES):
+        try:
+            return client.create_image(body), False
+        except Unanswered:
+            made = _adoptable(client, body, since, known)
+            if len(made) == 1:
+                return made[0], True
+            if len(made) > 1:
+                ids = ", ".join(str(m.get("id")) for m in made)
+                raise EnvironmentProblem(
+                    f"no answer to the registration, and several new images match it ({ids}): check them "
+                    "with brightbox images list",
+                    code="ambiguous",
+                ) from None
+            if attempt == POST_TRIES - 1:
+                raise
+            sleep(2.0 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def register(
+    metadata: str,
+    *,
+    wait: bool = False,
+    timeout: int = DEFAULT_TIMEOUT,
+    environ: Mapping[str, str] | None = None,
+    on_status: StatusCallback | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RegisterResult:
+    path = Path(metadata)
+    doc = read_document(path)
+    creds = credentials(os.environ if environ is None else environ)
+    with _exclusive(path, doc):
+        doc = read_document(path)  # what it says now that no other run can change it
+        return _register(path, doc, creds, wait, timeout, on_status, sleep)
+
+
+def _register(
+    path: Path,
+    doc: MetadataDocument,
+    creds: ApiCredentials,
+    wait: bool,
+    timeout: int,
+    on_status: StatusCallback | None,
+    sleep: Callable[[float], None],
+) -> RegisterResult:
+    inputs = {key for key in [key_of(path.parent / doc["image"]["file"])] if key is not None}
+    body = doc["registration"]
+    client = Client(creds, sleep=sleep)
+    previous = doc.get("library")
+    created = adopted = False
+    try:
+        client.login()
+        image: dict[str, Any] | None = None
+        if previous is not None and "image_id" in previous and previous["status"] != "failed":
+            image = client.image(previous["image_id"])  # on record: followed, never created again
+        else:
+            check_ready(path, doc, datetime.now(UTC))
+            since = parse_iso(previous.get("attempt_started", "")) if previous else None
+            if previous is not None and previous["status"] == "registering" and since is not None:
+                made = _adoptable(client, body, since, set())
+                if len(made) == 1:
+                    image, adopted = made[0], True
+            if image is None:
+                since = datetime.now(UTC)
+                _record(doc, client.host, None, attempt_started=iso(since))
+                save_document(path, doc, inputs=inputs)
+                image, adopted = _create(client, body, since, sleep)
+                created = not adopted
+        _record(doc, client.host, image)
+        save_document(path, doc, inputs=inputs)
+        if on_status is not None:
+            on_status(image)
+        if wait:
+            image = _follow(client, image, timeout, on_status, sleep)
+            _record(doc, client.host, image)
+            save_document(path, doc, inputs=inputs)
+    finally:
+        client.close()
+    result = RegisterResult(
+        metadata=str(path),
+        image_id=str(image["id"]),
+        status=str(image["status"]),
+        created=created,
+        adopted=adopted,
+        waited=wait,
+        virtual_size_mib=doc["library"].get("virtual_size_mib"),
+        disk_size_mib=doc["library"].get("disk_size_mib"),
+        warnings=_size_warnings(doc, image) if image["status"] == "available" else [],
+    )
+    if result.status == "failed":
+        message = f"the library could not make {result.image_id} from the upload (status failed)"
+        raise ImageRejected(message, [Reason("registration_failed", message)], path=str(path))
+    return result
+
+
+def _follow(
+    client: Client,
+    image: dict[str, Any],
+    timeout: int,
+    on_status: StatusCallback | None,
+    sleep: Callable[[float], None],
+) -> dict[str, Any]:
+    """Poll with backoff until the library has finished with the image, or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    step = 0
+    while image["status"] not in DONE:
+        if time.monotonic() >= deadline:
+            raise EnvironmentProblem(
+                f"{image['id']} is still {image['status']} after {timeout} s: run imagetool register --wait "
+                "again to keep following it (it will not register twice)",
+                code="timeout",
+            )
+        sleep(min(POLL[min(step, len(POLL) - 1)], max(0.0, deadline - time.monotonic())))
+        step += 1
+        image = client.image(str(image["id"]))
+        if on_status is not None:
+            on_status(image)
+    return image
+
+
+def _size_warnings(doc: MetadataDocument, image: Mapping[str, Any]) -> list[Reason]:
+    """The library's sizes (MiB) against ours: a difference is worth a look, not a failure."""
+    warnings = []
+    for field_name in ("virtual_size", "disk_size"):
+        ours, theirs = doc["image"].get(f"{field_name}_mib"), image.get(field_name)
+        if isinstance(theirs, int) and ours is not None and ours != theirs:
+            warnings.append(
+                Reason(
+                    f"{field_name}_differs",
+                    f"the library measured {field_name} {theirs} MiB, imagetool {ours} MiB",
+                )
+            )
+    return warnings

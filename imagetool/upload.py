@@ -1,0 +1,544 @@
+"""`upload`: put a prepared image in Orbit (Swift) and sign a temp URL the library can download.
+
+Nothing is sent before the image passes what `preflight --metadata` checks (same
+checks, same exit codes). Up to `--segment-size` (and the cluster's
+`max_file_size`) the image goes up in one piece with its md5 as the ETag, so
+Swift itself refuses a corrupted transfer. Above, it becomes a Static Large
+Object: segments in `<container>_segments`, sent in parallel, each segment's
+md5 checked against the ETag Swift returns, then the manifest. Segment names
+carry the image's sha256, so a rerun finds the segments an interrupted run left,
+keeps each whose stored md5 equals the local one and sends only the rest.
+
+swiftclient's SwiftService would upload segments too, but it cannot resume an
+unfinished one (it skips only whole identical objects); its Connection (auth,
+retries with backoff) and temp-URL signing are used as they are. Memory is the
+chunks in flight: `threads` x 1 MiB, whatever the image size.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+from imagetool import swift
+from imagetool.durations import iso, parse_time
+from imagetool.errors import EnvironmentProblem, ImageRejected, Reason, UsageProblem, VerifyFailed
+from imagetool.metadata import (
+    MetadataDocument,
+    UploadRecord,
+    default_metadata_path,
+    read_document,
+    save_document,
+)
+from imagetool.progress import Callback, Progress
+from imagetool.sizes import parse_size
+from imagetool.source import Source, open_source
+
+SCHEMA = "imagetool.upload/1"
+DEFAULT_EXPIRES = "2d"  # outlasts an asynchronous registration
+DEFAULT_SEGMENT_SIZE = 1024**3
+DEFAULT_THREADS = 4
+MAX_THREADS = 32
+_CHUNK = 1 << 20  # bytes read (and hashed) at a time
+_POLL = 0.2  # seconds the main thread waits between looks at its workers (so signals land)
+
+
+class _Stopped(BaseException):
+    """Raised inside a request body when the run is stopping: not an Exception, so no retry catches it."""
+
+
+@dataclass(frozen=True)
+class Options:
+    container: str
+    object: str | None = None  # default: the image's file name
+    segment_container: str | None = None  # default: <container>_segments
+    segment_size: int = DEFAULT_SEGMENT_SIZE
+    expires: str = DEFAULT_EXPIRES
+    threads: int = DEFAULT_THREADS
+    set_temp_url_key: bool = False
+    verify_download: bool = False
+    retries: int = 5
+
+
+@dataclass(frozen=True)
+class Segment:
+    index: int
+    offset: int
+    length: int
+    name: str
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    image: str
+    metadata: str
+    url: str
+    record: UploadRecord
+    sent_segments: int  # segments (or the one piece) sent by this run
+    kept_segments: int  # segments an earlier run left, checked and kept
+    sent_bytes: int
+    reused: bool  # the object was already there, identical: only the URL was signed anew
+    temp_url_key_set: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        return {"schema": SCHEMA, "ok": True, **out}
+
+
+def check_options(opts: Options) -> None:
+    """Usage errors before anything is opened or sent."""
+    swift.check_container_name(opts.container)
+    if opts.segment_container is not None:
+        swift.check_container_name(opts.segment_container, "--segment-container")
+        if opts.segment_container == opts.container:
+            raise UsageProblem("--segment-container must differ from --container", code="bad_container")
+    if opts.object is not None:
+        swift.check_object_name(opts.object)
+    if not 1 <= opts.threads <= MAX_THREADS:
+        raise UsageProblem(f"--threads must be 1-{MAX_THREADS}", code="bad_threads")
+    if opts.segment_size < 1 << 20:
+        raise UsageProblem("--segment-size must be at least 1M", code="bad_segment_size")
+    if not 0 <= opts.retries <= 10:
+        raise UsageProblem("--retries must be 0-10", code="bad_retries")
+    parse_time(opts.expires, "--expires", datetime.now(UTC))
+
+
+def parse_segment_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageProblem as exc:
+        raise UsageProblem(f"--segment-size: {exc.message}", code="bad_segment_size") from None
+
+
+# --- reading the image as request bodies ----------------------------------------------------
+
+
+class _Body:
+    """One byte range of the image as a request body: big preads, md5 as it goes, stoppable.
+
+    swiftclient calls `reset()` before it retries a request; `sent` sees every byte
+    (negative on a reset) so progress stays true.
+    """
+
+    def __init__(self, fd: int, offset: int, length: int, stop: threading.Event, sent: Callable[[int], None]):
+        self.fd, self.offset, self.length = fd, offset, length
+        self.stop, self.sent = stop, sent
+        self.position = 0
+        self.md5 = hashlib.md5(usedforsecurity=False)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def read(self, size: int = -1) -> bytes:
+        if self.stop.is_set():
+            raise _Stopped
+        want = min(self.length - self.position, max(size, _CHUNK))
+        if want <= 0:
+            return b""
+        data = os.pread(self.fd, want, self.offset + self.position)
+        if len(data) != want:
+            raise EnvironmentProblem("the image shrank while it was being uploaded", code="input_changed")
+        self.md5.update(data)
+        self.position += want
+        self.sent(want)
+        return data
+
+    def reset(self, *_: object, **__: object) -> None:
+        self.sent(-self.position)
+        self.position = 0
+        self.md5 = hashlib.md5(usedforsecurity=False)
+
+    def hexdigest(self) -> str:
+        return self.md5.hexdigest()
+
+
+def _md5_of(fd: int, offset: int, length: int, stop: threading.Event) -> str:
+    body = _Body(fd, offset, length, stop, lambda _: None)
+    while body.read():
+        pass
+    return body.hexdigest()
+
+
+class _Counter:
+    """Bytes handled so far, from every worker thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.value = 0
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.value += n
+
+
+# --- the plan ------------------------------------------------------------------------------
+
+
+def segments(size: int, segment_size: int, prefix: str) -> list[Segment]:
+    """The image cut into segments named `<prefix><index>`; the last one may be shorter."""
+    count = -(-size // segment_size)
+    return [
+        Segment(i, i * segment_size, min(segment_size, size - i * segment_size), f"{prefix}{i:08d}")
+        for i in range(count)
+    ]
+
+
+def slo_etag(md5s: list[str]) -> str:
+    """The ETag Swift gives a Static Large Object: md5 of its segments' md5s, concatenated."""
+    return hashlib.md5("".join(md5s).encode(), usedforsecurity=False).hexdigest()
+
+
+def _segment_size(size: int, opts: Options, cluster: swift.Cluster) -> int | None:
+    """The segment size to use, or None for one piece."""
+    limit = min(opts.segment_size, cluster.max_file_size)
+    if size <= limit:
+        return None
+    if not cluster.slo:
+        raise EnvironmentProblem(
+            f"the image is over this Swift's one-object limit ({cluster.max_file_size} bytes) and the "
+            "cluster has no Static Large Object support",
+            code="no_slo",
+        )
+    count = -(-size // limit)
+    if count > cluster.max_manifest_segments:
+        raise UsageProblem(
+            f"{count} segments of {limit} bytes is over this Swift's {cluster.max_manifest_segments}: "
+            "use a bigger --segment-size",
+            code="bad_segment_size",
+        )
+    return limit
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What every worker shares: credentials, the image's descriptor, the stop flag and counters."""
+
+    creds: swift.Credentials
+    retries: int
+    fd: int
+    stop: threading.Event
+    done: _Counter
+    local: threading.local
+
+    def connection(self) -> Any:
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = swift.connect(self.creds, retries=self.retries)
+        return conn
+
+
+def _put_segment(
+    run: _Run, container: str, seg: Segment, stored: Mapping[str, tuple[int, str]]
+) -> tuple[str, bool]:
+    """Send one segment unless an earlier run stored it with the same md5; (md5, sent)."""
+    if stored.get(seg.name, (None, None))[0] == seg.length:
+        local = _md5_of(run.fd, seg.offset, seg.length, run.stop)
+        if local == stored[seg.name][1]:
+            run.done.add(seg.length)
+            return local, False
+    body = _Body(run.fd, seg.offset, seg.length, run.stop, run.done.add)
+    etag = run.connection().put_object(
+        container, seg.name, body, content_length=seg.length, content_type="application/octet-stream"
+    )
+    if etag != body.hexdigest():
+        raise VerifyFailed(
+            f"segment {seg.index}: Swift stored md5 {etag}, imagetool sent {body.hexdigest()}; run again",
+            code="segment_mismatch",
+        )
+    return etag, True
+
+
+def _in_parallel(
+    run: _Run, jobs: Sequence[Callable[[], Any]], threads: int, tick: Callable[[], None]
+) -> list[Any]:
+    """Run `jobs` on daemon threads (a stuck request must not hold the process at exit); first error wins.
+
+    The main thread only waits, in short steps, so Ctrl-C and SIGTERM reach it;
+    stopping sets the flag every body checks at its next megabyte.
+    """
+    results: list[Any] = [None] * len(jobs)
+    todo: queue.Queue[int] = queue.Queue()
+    for i in range(len(jobs)):
+        todo.put(i)
+    finished: queue.Queue[tuple[int, BaseException | None]] = queue.Queue()
+
+    def worker() -> None:
+        while not run.stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = jobs[i]()
+                finished.put((i, None))
+            except BaseException as exc:  # handed to the main thread, which raises it
+                finished.put((i, exc))
+                return
+
+    for _ in range(min(threads, len(jobs))):
+        threading.Thread(target=worker, daemon=True).start()
+    try:
+        for _ in range(len(jobs)):
+            while True:
+                tick()
+                try:
+                    _, error = finished.get(timeout=_POLL)
+                    break
+                except queue.Empty:
+                    continue
+            if error is not None:
+                raise error
+    finally:
+        run.stop.set()
+    return results
+
+
+def _stored_segments(conn: Any, container: str, prefix: str) -> dict[str, tuple[int, str]]:
+    """Segments an earlier run stored under `prefix`: name -> (bytes, md5)."""
+    try:
+        _, listing = conn.get_container(container, prefix=prefix, full_listing=True)
+    except Exception as exc:  # a missing segment container is simply "nothing stored yet"
+        if getattr(exc, "http_status", None) == 404:
+            return {}
+        raise
+    return {item["name"]: (int(item["bytes"]), str(item["hash"])) for item in listing}
+
+
+def _identical(
+    conn: Any, container: str, obj: str, previous: UploadRecord | None, size: int, md5: str
+) -> bool:
+    """Whether the object is already this image (an earlier complete upload): nothing to send."""
+    if previous is None or (previous["container"], previous["object"]) != (container, obj):
+        return False
+    try:
+        headers = conn.head_object(container, obj)
+    except Exception as exc:
+        if getattr(exc, "http_status", None) == 404:
+            return False
+        raise
+    etag = headers.get("etag", "").strip('"')
+    same_size = int(headers.get("content-length", -1)) == size
+    return same_size and etag == previous["etag"] and previous.get("md5") == md5
+
+
+def _confirm(conn: Any, container: str, obj: str, size: int, etag: str) -> None:
+    """HEAD the object: Swift must hold exactly `size` bytes under the ETag we computed."""
+    headers = conn.head_object(container, obj)
+    stored_size = int(headers.get("content-length", -1))
+    stored_etag = headers.get("etag", "").strip('"')
+    if stored_size != size or stored_etag != etag:
+        raise VerifyFailed(
+            f"Swift holds {stored_size} bytes with ETag {stored_etag}; "
+            f"imagetool sent {size} bytes with ETag {etag}",
+            code="upload_mismatch",
+        )
+
+
+def _verify_download(url: str, size: int, sha256: str, stop: threading.Event) -> None:
+    """GET the temp URL as the library will, and compare sha256 and size with the metadata's."""
+    import requests
+
+    digest, got = hashlib.sha256(), 0
+    with requests.get(url, stream=True, timeout=swift.TIMEOUT) as response:
+        if response.status_code != 200:
+            raise VerifyFailed(f"the temp URL answered {response.status_code}", code="download_failed")
+        for chunk in response.iter_content(_CHUNK):
+            if stop.is_set():
+                raise _Stopped
+            digest.update(chunk)
+            got += len(chunk)
+    if got != size or digest.hexdigest() != sha256:
+        raise VerifyFailed(
+            f"the temp URL gave {got} bytes with sha256 {digest.hexdigest()}, not the image's",
+            code="download_mismatch",
+        )
+
+
+def _refuse_what_preflight_fails(image: str, meta: Path) -> None:
+    """The checks `preflight --metadata` runs, with its exit codes, before a byte is sent."""
+    from imagetool.preflight import preflight
+
+    result = preflight(image, metadata=str(meta), guest=True)
+    failing = result.failing()
+    if failing:
+        reasons = [Reason(c.code or c.status, f"{c.name}: {c.message}") for c in failing]
+        raise ImageRejected(f"preflight fails: {reasons[0].message}", reasons, path=image)
+
+
+def upload(
+    image: str,
+    opts: Options,
+    *,
+    metadata: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    on_progress: Callback | None = None,
+) -> UploadResult:
+    check_options(opts)
+    meta = Path(metadata) if metadata is not None else default_metadata_path(image)
+    creds = swift.credentials(os.environ if environ is None else environ)
+    _refuse_what_preflight_fails(image, meta)
+    doc = read_document(meta)
+    with open_source(image) as src:
+        return _upload(src, meta, doc, opts, creds, on_progress)
+
+
+def _upload(
+    src: Source,
+    meta: Path,
+    doc: MetadataDocument,
+    opts: Options,
+    creds: swift.Credentials,
+    on_progress: Callback | None,
+) -> UploadResult:
+    facts = doc["image"]
+    size, md5, sha256 = src.size, facts["md5"], facts["sha256"]
+    obj = opts.object or swift.check_object_name(Path(src.path).name, "the image's file name (give --object)")
+    container = opts.container
+    seg_container = opts.segment_container or f"{container}_segments"
+    secrets = creds.secrets
+    now = datetime.now(UTC)
+    expires = parse_time(opts.expires, "--expires", now)
+    run = _Run(creds, opts.retries, src.fd, threading.Event(), _Counter(), threading.local())
+    started = time.monotonic()
+
+    def tick() -> None:
+        if on_progress is not None:
+            on_progress(Progress(run.done.value, size, time.monotonic() - started, run.done.value))
+
+    with swift.translated(secrets, "contacting Swift"):
+        conn = run.connection()
+        cluster = swift.cluster(conn.get_capabilities())
+        if cluster.digest is None:
+            raise EnvironmentProblem(
+                "this Swift has no tempurl middleware: no URL can be signed", code="no_tempurl"
+            )
+        seg_size = _segment_size(size, opts, cluster)
+        conn.put_container(container)
+        key, key_set = swift.temp_url_key(conn, container), False
+        if key is None:
+            if not opts.set_temp_url_key:
+                raise EnvironmentProblem(
+                    "neither the account nor the container has a temp-URL key: rerun with "
+                    "--set-temp-url-key to set a strong random one, or set your own with "
+                    "`swift post -m Temp-URL-Key:<secret>`",
+                    code="no_temp_url_key",
+                )
+            key, key_set = swift.set_temp_url_key(conn), True
+        secrets.add(key)
+    previous = doc.get("upload")
+    with swift.translated(secrets, f"uploading to {container}/{obj}"):
+        reused = _identical(conn, container, obj, previous, size, md5)
+        sent, kept = 0, 0
+        if reused:
+            assert previous is not None
+            etag, count = previous["etag"], previous["segments"]
+            run.done.add(size)
+        elif seg_size is None:
+            body = _Body(src.fd, 0, size, run.stop, run.done.add)
+            _in_parallel(
+                run,
+                [
+                    lambda: conn.put_object(
+                        container,
+                        obj,
+                        body,
+                        content_length=size,
+                        etag=md5,
+                        content_type="application/octet-stream",
+                    )
+                ],
+                1,
+                tick,
+            )
+            etag, count, sent = md5, 0, 1
+        else:
+            etag, count, sent, kept = _upload_segments(
+                run, conn, src, opts, obj, container, seg_container, seg_size, sha256, tick
+            )
+        src.ensure_unchanged()
+        _confirm(conn, container, obj, size, etag)
+        tick()
+        url = swift.sign(conn.url, container, obj, key, int(expires.timestamp()), cluster.digest)
+    if opts.verify_download:
+        with swift.translated(secrets, "downloading through the temp URL"):
+            _verify_download(url, size, sha256, threading.Event())
+    record: UploadRecord = {
+        "endpoint": urlsplit(conn.url).netloc,
+        "container": container,
+        "object": obj,
+        "segment_container": seg_container if count else None,
+        "segments": count,
+        "etag": etag,
+        "md5": md5,
+        "bytes": size,
+        "uploaded_at": iso(now) if not reused or previous is None else previous["uploaded_at"],
+        "expires_at": iso(expires),
+        "digest": cluster.digest,
+        "verified_download": opts.verify_download,
+    }
+    doc["registration"]["http_url"] = url
+    doc["upload"] = record
+    save_document(meta, doc, inputs={(src.device, src.inode)})
+    return UploadResult(
+        image=src.path,
+        metadata=str(meta),
+        url=url,
+        record=record,
+        sent_segments=sent,
+        kept_segments=kept,
+        sent_bytes=run.done.value if not reused else 0,
+        reused=reused,
+        temp_url_key_set=key_set,
+    )
+
+
+def _upload_segments(
+    run: _Run,
+    conn: Any,
+    src: Source,
+    opts: Options,
+    obj: str,
+    container: str,
+    seg_container: str,
+    seg_size: int,
+    sha256: str,
+    tick: Callable[[], None],
+) -> tuple[str, int, int, int]:
+    """Segments (resuming an earlier run's), then the manifest; (etag, segments, sent, kept)."""
+    prefix = f"{obj}/slo/{sha256[:16]}/{src.size}/{seg_size}/"
+    conn.put_container(seg_container)
+    stored = _stored_segments(conn, seg_container, prefix)
+    plan = segments(src.size, seg_size, prefix)
+    jobs = [functools.partial(_put_segment, run, seg_container, seg, stored) for seg in plan]
+    outcomes = cast(list[tuple[str, bool]], _in_parallel(run, jobs, opts.threads, tick))
+    md5s = [md5 for md5, _ in outcomes]
+    manifest = [
+        {"path": f"/{seg_container}/{seg.name}", "etag": md5, "size_bytes": seg.length}
+        for seg, md5 in zip(plan, md5s, strict=True)
+    ]
+    import json
+
+    src.ensure_unchanged()  # the segments are this file's bytes only if nothing wrote to it meanwhile
+    conn.put_object(
+        container,
+        obj,
+        json.dumps(manifest),
+        query_string="multipart-manifest=put",
+        headers={"X-Object-Meta-Sha256": sha256},
+        content_type="application/octet-stream",
+    )
+    sent = sum(was_sent for _, was_sent in outcomes)
+    return slo_etag(md5s), len(plan), sent, len(plan) - sent
