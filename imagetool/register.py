@@ -31,7 +31,7 @@ SCHEMA = "imagetool.register/1"
 DEFAULT_TIMEOUT = 30 * 60
 URL_MARGIN = timedelta(minutes=10)  # a temp URL must outlive the library's download by at least this
 POLL = (2.0, 4.0, 8.0, 15.0)  # waits between looks while `creating` (the last one repeats)
-POST_TRIES = 3
+POST_WAITS = (2.0, 4.0)  # waits between tries of a POST that provably made nothing
 ADOPT_SKEW = timedelta(minutes=5)  # clock difference allowed between us and the API's created_at
 DONE = frozenset({"available", "failed", "deprecated", "unavailable", "deleting", "deleted"})
 
@@ -142,7 +142,7 @@ def _create(
 ) -> tuple[dict[str, Any], bool]:
     """POST the body; after no answer, adopt what it made or try again. (image, adopted)."""
     known = {str(image.get("id")) for image in client.images()}
-    for attempt in range(POST_TRIES):
+    for attempt in range(len(POST_WAITS) + 1):
         try:
             return client.create_image(body), False
         except Unanswered:
@@ -156,9 +156,9 @@ def _create(
                     "with brightbox images list",
                     code="ambiguous",
                 ) from None
-            if attempt == POST_TRIES - 1:
+            if attempt == len(POST_WAITS):
                 raise
-            sleep(2.0 * (attempt + 1))
+            sleep(POST_WAITS[attempt])
     raise AssertionError("unreachable")
 
 

@@ -167,3 +167,27 @@ def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no brightbox-cli config of the machine's
     yield api
     api.stop()
+
+
+BIG_DATA = 24 << 20  # incompressible bytes in the big prepared image: over the test Swift's 8 MiB limit
+
+
+def _prepared(directory: Path, name: str, data: bytes) -> Path:
+    from imagetool.metadata import registration
+    from imagetool.prepare import prepare
+
+    raw = sparse_raw(directory / f"{name}.raw", 64 << 20, {1 << 20: data})
+    reg = registration(name=name, arch="x86_64", username="debian")
+    qcow2, _, _, _ = prepare(str(raw), reg, output_path=str(directory / f"{name}.qcow2"))
+    raw.unlink()
+    return qcow2
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Prepared images (qcow2 + metadata), made once: `small` fits one object, `big` does not."""
+    directory = tmp_path_factory.mktemp("prepared")
+    return {
+        "small": _prepared(directory, "small", os.urandom(2 << 20) + b"hello" * 100_000),
+        "big": _prepared(directory, "big", os.urandom(BIG_DATA)),
+    }

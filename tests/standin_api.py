@@ -217,6 +217,7 @@ class _Store:
     tokens: dict[str, float] = field(default_factory=dict)
     counters: _Counters = field(default_factory=_Counters)
     faults: _Faults = field(default_factory=_Faults)
+    bodies: list[object] = field(default_factory=list)
 
 
 class _Server(ThreadingHTTPServer):
@@ -308,6 +309,7 @@ class StandinAPI:
                 "images": {img_id: image["status"] for img_id, image in store.images.items()},
                 "downloads": {img_id: dl.as_dict() for img_id, dl in store.downloads.items()},
                 "pending_faults": store.faults.as_dict(),
+                "bodies": list(store.bodies),  # every POST /1.0/images body, as it arrived
             }
 
     def arm(self, **faults: object) -> None:
@@ -399,6 +401,8 @@ class StandinAPI:
         return fault
 
     def create_image(self, body: object) -> dict[str, Any]:
+        with self._lock:
+            self._store.bodies.append(body)
         params = _validate(body)
         url = cast(str, params["http_url"])
         now = _now()
