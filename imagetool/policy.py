@@ -45,3 +45,7 @@ MAX_JSON_DEPTH = 32
 # A backing chain `snapshot` follows is at most this deep [chain_too_deep]: a disk with its
 # base images, not a crafted loop of references.
 MAX_CHAIN_DEPTH = 16
+
+# A temp URL handed to the library must still work this long after register asks for the
+# download (registration is asynchronous: the library fetches the image after answering).
+URL_MARGIN_SECONDS = 10 * 60

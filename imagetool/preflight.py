@@ -28,7 +28,7 @@ from imagetool.metadata import (
     schema_errors,
     upload_problems,
 )
-from imagetool.policy import MAX_DISK_SIZE, MAX_METADATA_BYTES
+from imagetool.policy import MAX_DISK_SIZE, MAX_METADATA_BYTES, URL_MARGIN_SECONDS
 from imagetool.sizes import human, to_mib
 from imagetool.source import Source, open_source, read_small_file
 
@@ -261,6 +261,23 @@ def _mismatches(doc: MetadataDocument, ours: ImageFacts, report: Report) -> list
     return problems + _disk_size_mismatches(claimed, report)
 
 
+def _upload_check(doc: MetadataDocument) -> list[Check]:
+    """An uploaded document's temp URL must outlive the library's download (docs/orbit-upload.md)."""
+    from datetime import UTC, datetime, timedelta
+
+    from imagetool.durations import parse_iso
+
+    upload = doc.get("upload")
+    if upload is None:
+        return []
+    expires = parse_iso(upload["expires_at"])
+    if expires is None or expires < datetime.now(UTC) + timedelta(seconds=URL_MARGIN_SECONDS):
+        message = f"the temp URL expires at {upload['expires_at']}: sign a new one (imagetool upload)"
+        return [Check("upload_url", "warn", message, "url_expired")]
+    where = f"{upload['container']}/{upload['object']}"
+    return [Check("upload_url", "pass", f"uploaded to {where}; the URL works until {upload['expires_at']}")]
+
+
 def _trusted_disk_size(doc: MetadataDocument, report: Report) -> int | None:
     """Metadata of this very file (checked) may know the exact disk_size our scan can't."""
     image = doc["image"]
@@ -290,7 +307,8 @@ def _metadata_checks(read: _Read, src: Source, report: Report) -> tuple[list[Che
         matches = Check("metadata_matches", "fail", message, "metadata_mismatch")
         return [_schema_check([]), matches, registration], None
     matches = Check("metadata_matches", "pass", "checksums, sizes, name and format match this file")
-    return [_schema_check([]), matches, registration], _trusted_disk_size(doc, report)
+    checks = [_schema_check([]), matches, registration, *_upload_check(doc)]
+    return checks, _trusted_disk_size(doc, report)
 
 
 def _guest_checks(src: Source, report: Report, read: _Read | None) -> list[Check]:

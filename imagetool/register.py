@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from imagetool.durations import iso, parse_iso
-from imagetool.errors import EnvironmentProblem, ImageRejected, Reason
+from imagetool.errors import EnvironmentProblem, ImageRejected, ImagetoolError, Reason
 from imagetool.library import ApiCredentials, Client, Unanswered, credentials
 from imagetool.metadata import LibraryRecord, MetadataDocument, read_document, save_document
 from imagetool.output import key_of
+from imagetool.policy import URL_MARGIN_SECONDS
 
 SCHEMA = "imagetool.register/1"
 DEFAULT_TIMEOUT = 30 * 60
-URL_MARGIN = timedelta(minutes=10)  # a temp URL must outlive the library's download by at least this
+URL_MARGIN = timedelta(seconds=URL_MARGIN_SECONDS)
 POLL = (2.0, 4.0, 8.0, 15.0)  # waits between looks while `creating` (the last one repeats)
 POST_WAITS = (2.0, 4.0)  # waits between tries of a POST that provably made nothing
 ADOPT_SKEW = timedelta(minutes=5)  # clock difference allowed between us and the API's created_at
@@ -176,7 +177,11 @@ def register(
     creds = credentials(os.environ if environ is None else environ)
     with _exclusive(path, doc):
         doc = read_document(path)  # what it says now that no other run can change it
-        return _register(path, doc, creds, wait, timeout, on_status, sleep)
+        try:
+            return _register(path, doc, creds, wait, timeout, on_status, sleep)
+        except ImagetoolError as exc:
+            exc.path = exc.path or metadata  # every failure names the document it was about
+            raise
 
 
 def _register(

@@ -199,7 +199,16 @@ def metadata_text(path: Path, doc: Mapping[str, Any]) -> str:
         lines.append(
             f"  {verdict} a {fit['server_disk_mib']} MiB server disk (needs {fit['min_disk_mib']} MiB)"
         )
-    lines += ["next, upload it and register it:", f"  {clean(doc['register_command'])}"]
+    upload, library = doc.get("upload"), doc.get("library")
+    if upload is not None:
+        where = "/".join(clean(upload[k]) for k in ("endpoint", "container", "object"))
+        pieces = f"{upload['segments']} segments" if upload["segments"] else "one piece"
+        lines.append(f"  uploaded to {where} ({pieces}), URL expires {upload['expires_at']}")
+    if library is not None:
+        lines.append(f"  library: {library.get('image_id', '(no answer yet)')} {library['status']}")
+        return "\n".join(lines)
+    step = "register it" if upload is not None else "upload it (imagetool upload) and register it"
+    lines += [f"next, {step}:", f"  {clean(doc['register_command'])}"]
     return "\n".join(lines)
 
 
@@ -249,7 +258,7 @@ def upload_text(result: UploadResult) -> str:
         f"  metadata       {clean(result.metadata)} (registration.http_url and upload set)",
     ]
     if result.temp_url_key_set:
-        lines.append("  temp-URL key   none was set: a random one was set on the account")
+        lines.append("  temp-URL key   the account had none: a random one was set (never shown)")
     return "\n".join(lines)
 
 

@@ -32,7 +32,14 @@ from urllib.parse import urlsplit
 
 from imagetool import swift
 from imagetool.durations import iso, parse_time
-from imagetool.errors import EnvironmentProblem, ImageRejected, Reason, UsageProblem, VerifyFailed
+from imagetool.errors import (
+    EnvironmentProblem,
+    ImageRejected,
+    ImagetoolError,
+    Reason,
+    UsageProblem,
+    VerifyFailed,
+)
 from imagetool.metadata import (
     MetadataDocument,
     UploadRecord,
@@ -392,7 +399,11 @@ def upload(
     _refuse_what_preflight_fails(image, meta)
     doc = read_document(meta)
     with open_source(image) as src:
-        return _upload(src, meta, doc, opts, creds, on_progress)
+        try:
+            return _upload(src, meta, doc, opts, creds, on_progress)
+        except ImagetoolError as exc:
+            exc.path = exc.path or image  # every failure names the image it was about
+            raise
 
 
 def _upload(

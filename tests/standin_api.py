@@ -22,10 +22,11 @@ their other 4xx answers have the API's shape ``{"error_name": "...", "errors": [
 
 What the library does with ``http_url`` happens in a background thread after the 201: the URL is
 fetched with urllib into a temporary file in a directory the stand-in owns (all-zero MiB blocks are
-skipped, leaving holes, so the file's allocation stands for "non-zero data"), ``disk_size`` follows
+skipped, leaving holes), ``disk_size`` follows
 the MiB downloaded so far, then ``qemu-img info --output=json -f FMT`` runs with FMT ``qcow2`` when
 the file starts with ``QFI\\xfb`` and ``raw`` otherwise (qemu-img never guesses). Success makes the
-image ``available`` with ``virtual_size``/``disk_size`` in MiB (rounded up); an HTTP error, an empty
+image ``available`` with ``virtual_size`` and ``disk_size`` (the guest bytes ``qemu-img map`` calls
+data, the library's "non-zero data") in MiB, rounded up; an HTTP error, an empty
 file, a raw file whose size is not a whole number of 512-byte sectors, a qcow2 with a backing file
 or an external data file, or a qemu-img error makes it ``failed``. The temporary file is deleted.
 Only ``creating``, ``available`` and ``failed`` are ever reached: there is no DELETE here.
@@ -500,7 +501,8 @@ class StandinAPI:
                 raise _ImageFailed(
                     f"not a disk image: {size} bytes is not a whole number of 512-byte sectors"
                 )
-            virtual, actual = _qemu_img_info(path, fmt)
+            virtual, _ = _qemu_img_info(path, fmt)
+            actual = _data_bytes(path, fmt)
             if reject:
                 raise _ImageFailed("rejected by the stand-in's reject_download fault")
             self._update(
@@ -594,6 +596,23 @@ def _qemu_img_info(path: Path, fmt: str) -> tuple[int, int]:
     if not isinstance(virtual, int) or virtual <= 0:
         raise _ImageFailed("not a disk image: no virtual size")
     return virtual, actual if isinstance(actual, int) else 0
+
+
+def _data_bytes(path: Path, fmt: str) -> int:
+    """Guest bytes that hold data (qemu-img map: data and not zero): the library's "non-zero data"."""
+    try:
+        proc = subprocess.run(
+            ["qemu-img", "map", "--output=json", "-f", fmt, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=QEMU_IMG_TIMEOUT,
+        )
+        extents = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        raise _ImageFailed(f"qemu-img map: {exc}") from None
+    if not isinstance(extents, list):
+        raise _ImageFailed(f"qemu-img map -f {fmt}: {proc.stderr.strip()}")
+    return sum(e["length"] for e in extents if e.get("data") and not e.get("zero"))
 
 
 def _validate(body: object) -> dict[str, Any]:

@@ -104,6 +104,10 @@ def test_one_piece_upload_signs_a_url_that_returns_exactly_the_image(
     assert doc["upload"]["etag"] == doc["image"]["md5"]  # one piece: Swift's ETag is the file's md5
     assert doc["upload"]["digest"] == "sha512"  # the strongest digest the cluster's /info allows
     assert "--url " + f"'{url}'" in doc["register_command"] and "ACCOUNT" not in doc["register_command"]
+    checked = cli("preflight", image, "--metadata", f"{image}.json", "--no-guest", "--json")
+    assert (
+        checked.code == 0 and {c["name"]: c["status"] for c in checked.json["checks"]}["upload_url"] == "pass"
+    )
     status, body = fetch(url)
     assert status == 200 and sha256(body) == doc["image"]["sha256"] == sha256(image.read_bytes())
     key = account_key(swift_cluster)
@@ -148,6 +152,9 @@ def test_tampered_or_expired_url_is_refused_by_swift(cli, swift_env, images, tmp
     assert fetch(tampered)[0] == 401
     time.sleep(max(0.0, int(url.rsplit("temp_url_expires=", 1)[1]) + 1 - time.time()))
     assert fetch(url)[0] == 401
+    checked = cli("preflight", image, "--metadata", f"{image}.json", "--no-guest", "--strict", "--json")
+    assert checked.code == 3
+    assert {c["name"]: c["code"] for c in checked.json["checks"]}["upload_url"] == "url_expired"
 
 
 def test_rerun_of_a_finished_upload_sends_nothing_and_signs_anew(cli, swift_env, images, tmp_path):
