@@ -22,20 +22,27 @@ def parse_duration(text: str, option: str) -> int:
     return int(found.group(1)) * _UNITS[found.group(2)]
 
 
-def parse_time(text: str, option: str, now: datetime) -> datetime:
-    """A point in time after `now`: a duration from now (2d) or an ISO 8601 time (UTC unless it says)."""
+def parse_time(text: str, option: str, now: datetime, longest: timedelta) -> datetime:
+    """A point in time after `now` and at most `longest` later: a duration (2d) or an ISO 8601 time.
+
+    An ISO time without a zone is UTC.
+    """
     if _DURATION.fullmatch(text.strip().lower()):
-        return now + timedelta(seconds=parse_duration(text, option))
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise UsageProblem(
-            f"{option} {text!r} is neither a duration (90m, 2d) nor an ISO 8601 time (2026-12-24T18:00Z)",
-            code="bad_time",
-        ) from None
-    when = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        seconds = parse_duration(text, option)
+        when = now + timedelta(seconds=min(seconds, int(longest.total_seconds()) + 1))
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise UsageProblem(
+                f"{option} {text!r} is neither a duration (90m, 2d) nor an ISO 8601 time (2026-12-24T18:00Z)",
+                code="bad_time",
+            ) from None
+        when = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
     if when <= now:
         raise UsageProblem(f"{option} {text!r} is in the past", code="bad_time")
+    if when > now + longest:
+        raise UsageProblem(f"{option} {text!r} is more than {longest.days} days away", code="bad_time")
     return when
 
 

@@ -226,23 +226,23 @@ def check_container_name(name: str, option: str = "--container") -> str:
             f"{option} {name!r} is the library's own read-only container: upload to a container of yours",
             code="bad_container",
         )
-    _check_text(name, option)
+    _check_text(name, f"{option} {name!r}", "bad_container")
     return name
 
 
-def check_object_name(name: str, option: str = "--object") -> str:
+def check_object_name(name: str, what: str = "--object") -> str:
+    """Swift's rules for an object name; `what` names where it came from (an option, a file name)."""
     if not name or len(name.encode("utf-8", "surrogateescape")) > 1024:
-        raise UsageProblem(f"{option} must be 1-1024 bytes", code="bad_object")
-    _check_text(name, option)
+        raise UsageProblem(f"{what} must be 1-1024 bytes as an object name", code="bad_object")
+    _check_text(name, what, "bad_object")
     return name
 
 
-def _check_text(name: str, option: str) -> None:
+def _check_text(name: str, what: str, code: str) -> None:
+    """Names go into URLs and terminals: UTF-8 text without control characters."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise UsageProblem(
-            f"{option} is not UTF-8 text: give a name with {option}", code="bad_object"
-        ) from None
+        raise UsageProblem(f"{what} is not UTF-8 text", code=code) from None
     if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in name):
-        raise UsageProblem(f"{option} {name!r} contains control characters", code="bad_object")
+        raise UsageProblem(f"{what} contains control characters", code=code)

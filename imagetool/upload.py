@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -53,6 +53,8 @@ from imagetool.source import Source, open_source
 
 SCHEMA = "imagetool.upload/1"
 DEFAULT_EXPIRES = "2d"  # outlasts an asynchronous registration
+# A temp URL is a bearer link to a private image: long enough for a registration, not for ever.
+LONGEST_EXPIRY = timedelta(days=30)
 DEFAULT_SEGMENT_SIZE = 1024**3
 DEFAULT_THREADS = 4
 MAX_THREADS = 32
@@ -94,6 +96,7 @@ class UploadResult:
     sent_segments: int  # segments (or the one piece) sent by this run
     kept_segments: int  # segments an earlier run left, checked and kept
     sent_bytes: int
+    removed_segments: int  # segments of earlier uploads of this object name, deleted
     reused: bool  # the object was already there, identical: only the URL was signed anew
     temp_url_key_set: bool
 
@@ -117,7 +120,7 @@ def check_options(opts: Options) -> None:
         raise UsageProblem("--segment-size must be at least 1M", code="bad_segment_size")
     if not 0 <= opts.retries <= 10:
         raise UsageProblem("--retries must be 0-10", code="bad_retries")
-    parse_time(opts.expires, "--expires", datetime.now(UTC))
+    parse_time(opts.expires, "--expires", datetime.now(UTC), LONGEST_EXPIRY)
 
 
 def parse_segment_size(text: str) -> int:
@@ -324,6 +327,22 @@ def _stored_segments(conn: Any, container: str, prefix: str) -> dict[str, tuple[
     return {item["name"]: (int(item["bytes"]), str(item["hash"])) for item in listing}
 
 
+def _remove_stale_segments(conn: Any, seg_container: str, obj: str, keep: set[str]) -> int:
+    """Delete segments earlier uploads of this object name left (another image, another segment size).
+
+    Only names under `<object>/slo/` (the names imagetool gives) are touched, and only
+    once the new object is in place: a stale segment is storage the account pays for.
+    """
+    stale = [name for name in _stored_segments(conn, seg_container, f"{obj}/slo/") if name not in keep]
+    for name in stale:
+        try:
+            conn.delete_object(seg_container, name)
+        except Exception as exc:  # already gone (another run cleaned up): fine
+            if getattr(exc, "http_status", None) != 404:
+                raise
+    return len(stale)
+
+
 def _identical(
     conn: Any, container: str, obj: str, previous: UploadRecord | None, size: int, md5: str
 ) -> bool:
@@ -416,12 +435,14 @@ def _upload(
 ) -> UploadResult:
     facts = doc["image"]
     size, md5, sha256 = src.size, facts["md5"], facts["sha256"]
-    obj = opts.object or swift.check_object_name(Path(src.path).name, "the image's file name (give --object)")
+    obj = opts.object or swift.check_object_name(
+        Path(src.path).name, "the image's file name (give --object NAME)"
+    )
     container = opts.container
     seg_container = opts.segment_container or f"{container}_segments"
     secrets = creds.secrets
     now = datetime.now(UTC)
-    expires = parse_time(opts.expires, "--expires", now)
+    expires = parse_time(opts.expires, "--expires", now, LONGEST_EXPIRY)
     run = _Run(creds, opts.retries, src.fd, threading.Event(), _Counter(), threading.local())
     started = time.monotonic()
 
@@ -481,6 +502,10 @@ def _upload(
             )
         src.ensure_unchanged()
         _confirm(conn, container, obj, size, etag)
+        removed = 0
+        if not reused:  # the object is this image now: segments of earlier ones are garbage
+            plan = segments(size, seg_size, _prefix(obj, sha256, size, seg_size)) if seg_size else []
+            removed = _remove_stale_segments(conn, seg_container, obj, {seg.name for seg in plan})
         tick()
         url = swift.sign(conn.url, container, obj, key, int(expires.timestamp()), cluster.digest)
     if opts.verify_download:
@@ -511,9 +536,15 @@ def _upload(
         sent_segments=sent,
         kept_segments=kept,
         sent_bytes=run.done.value if not reused else 0,
+        removed_segments=removed,
         reused=reused,
         temp_url_key_set=key_set,
     )
+
+
+def _prefix(obj: str, sha256: str, size: int, seg_size: int) -> str:
+    """Where this image's segments live: its sha256 in the name, so no other image's match."""
+    return f"{obj}/slo/{sha256[:16]}/{size}/{seg_size}/"
 
 
 def _upload_segments(
@@ -529,7 +560,7 @@ def _upload_segments(
     tick: Callable[[], None],
 ) -> tuple[str, int, int, int]:
     """Segments (resuming an earlier run's), then the manifest; (etag, segments, sent, kept)."""
-    prefix = f"{obj}/slo/{sha256[:16]}/{src.size}/{seg_size}/"
+    prefix = _prefix(obj, sha256, src.size, seg_size)
     conn.put_container(seg_container)
     stored = _stored_segments(conn, seg_container, prefix)
     plan = segments(src.size, seg_size, prefix)

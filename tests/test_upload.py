@@ -305,6 +305,9 @@ def test_an_unfinished_document_is_refused(cli, swift_env, images, tmp_path):
         (("-c", "ok", "--segment-container", "ok"), "bad_container"),
         (("-c", "ok", "--expires", "yesterday"), "bad_time"),
         (("-c", "ok", "--expires", "2020-01-01T00:00Z"), "bad_time"),
+        (("-c", "ok", "--expires", "31d"), "bad_time"),  # a bearer link to a private image: 30 days at most
+        (("-c", "ok", "--expires", "99999999d"), "bad_time"),
+        (("-c", "ok", "--expires", "0m"), "bad_duration"),
         (("-c", "ok", "--threads", "0"), "bad_threads"),
         (("-c", "ok", "--segment-size", "1K"), "bad_segment_size"),
         (("-c", "ok", "--object", "a\x1bb"), "bad_object"),
@@ -326,3 +329,29 @@ def test_object_names_with_spaces_and_unicode_survive_signing(cli, swift_env, im
     )
     assert result.code == 0, result.err
     assert fetch(result.json["url"])[1] == image.read_bytes()
+
+
+def test_a_new_image_under_the_same_name_removes_the_old_ones_segments(
+    cli, swift_env, swift_cluster, images, tmp_path
+):
+    big, small = copy_of(images, "big", tmp_path), copy_of(images, "small", tmp_path)
+    c = container()
+    first = cli(
+        "upload",
+        big,
+        "-c",
+        c,
+        "--object",
+        "app.qcow2",
+        "--segment-size",
+        "4M",
+        "--set-temp-url-key",
+        "--json",
+    )
+    assert first.code == 0, first.err
+    assert len(listing(swift_cluster, f"{c}_segments")) == first.json["record"]["segments"] > 1
+    second = cli("upload", small, "-c", c, "--object", "app.qcow2", "--json")
+    assert second.code == 0, second.err
+    assert second.json["removed_segments"] == first.json["record"]["segments"]
+    assert listing(swift_cluster, f"{c}_segments") == []
+    assert fetch(second.json["url"])[1] == small.read_bytes()
