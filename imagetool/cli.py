@@ -63,12 +63,20 @@ def _root(
     """Prepare virtual-disk images for a cloud image library, safely."""
 
 
+# What an interrupted command leaves on purpose (every other command leaves nothing).
+_LEFT_ON_PURPOSE = {
+    "upload": "segments already sent stay in Swift: a rerun resumes from them",
+    "publish": "finished steps are recorded and segments sent stay in Swift: a rerun continues",
+}
+
+
 def interrupted(name: str, exc: BaseException, as_json: bool) -> int:
     """Report a signal the one way every outcome is reported; return its exit code (128+N)."""
     from imagetool import render, signals
 
     code = signals.exit_code(exc)
-    stopped = ImagetoolError(signals.message(exc), code="interrupted")
+    left = _LEFT_ON_PURPOSE.get(name)
+    stopped = ImagetoolError(signals.message(exc, *([left] if left else [])), code="interrupted")
     if as_json and not render.json_emitted():
         render.emit_json(render.error_document(name, stopped) | {"exit_code": code})
     render.error_line(stopped.message)

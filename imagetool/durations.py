@@ -22,8 +22,8 @@ def parse_duration(text: str, option: str) -> int:
     return int(found.group(1)) * _UNITS[found.group(2)]
 
 
-def parse_time(text: str, option: str, now: datetime, longest: timedelta) -> datetime:
-    """A point in time after `now` and at most `longest` later: a duration (2d) or an ISO 8601 time.
+def parse_time(text: str, option: str, now: datetime, longest: timedelta, shortest: timedelta) -> datetime:
+    """A point in time between `shortest` and `longest` from now: a duration (2d) or an ISO 8601 time.
 
     An ISO time without a zone is UTC.
     """
@@ -41,6 +41,9 @@ def parse_time(text: str, option: str, now: datetime, longest: timedelta) -> dat
         when = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
     if when <= now:
         raise UsageProblem(f"{option} {text!r} is in the past", code="bad_time")
+    if when < now + shortest:
+        minutes = int(shortest.total_seconds()) // 60
+        raise UsageProblem(f"{option} {text!r} is less than {minutes} minutes away", code="bad_time")
     if when > now + longest:
         raise UsageProblem(f"{option} {text!r} is more than {longest.days} days away", code="bad_time")
     return when

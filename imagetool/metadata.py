@@ -19,6 +19,8 @@ register; the library itself starts the registered image at `creating`) or
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -26,7 +28,7 @@ import json
 import os
 import re
 import shlex
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
@@ -37,7 +39,7 @@ from typing import Any, Literal, NoReturn, Required, TypedDict, cast
 from jsonschema import Draft202012Validator, ValidationError
 
 from imagetool import __version__, qemu
-from imagetool.errors import ImageRejected, Reason, UsageProblem
+from imagetool.errors import EnvironmentProblem, ImageRejected, Reason, UsageProblem
 from imagetool.inspection import DEFAULT_MAX_VIRTUAL_SIZE, Report, inspect_source
 from imagetool.output import FileKey, check_target, write_file
 from imagetool.policy import MAX_JSON_DEPTH, MAX_METADATA_BYTES
@@ -515,6 +517,34 @@ def read_document(path: Path) -> MetadataDocument:
         message = f"does not validate against {SCHEMA}: " + "; ".join(errors[:3])
         raise ImageRejected(message, [Reason("bad_metadata", message)], path=str(path))
     return cast(MetadataDocument, doc)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, doc: MetadataDocument) -> Iterator[None]:
+    """One upload/register per document at a time, or exit 5 `busy`.
+
+    The lock is an flock on something that is never renamed over: the image file
+    (never modified), or the document's directory when the image is not beside it.
+    The document itself would not do: every save replaces its inode.
+    """
+    image = path.parent / doc["image"]["file"]
+    target = image if image.is_file() and not image.is_symlink() else path.parent
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot lock: {exc.strerror}", path=str(target), code="io_error") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EnvironmentProblem(
+                "another imagetool is uploading or registering this image: wait for it",
+                path=str(path),
+                code="busy",
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def save_document(path: Path, doc: MetadataDocument, *, inputs: Collection[FileKey]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from imagetool import output
 from imagetool.convert import DEFAULT_LIMIT, ConvertResult, check_options, convert, default_output
-from imagetool.errors import ImagetoolError, Interrupted, Reason
+from imagetool.errors import EnvironmentProblem, ImagetoolError, Interrupted, Reason
 from imagetool.inspection import Report, inspect_source
 from imagetool.metadata import (
     Fits,
@@ -75,11 +75,23 @@ def _abandoned(doc: Any) -> bool:
 
 
 def _may_replace(meta_path: Path) -> bool:
-    """Whether an existing DST.json is one of our own unfinished documents."""
+    """Whether an existing DST.json is one of our own unfinished documents.
+
+    A `creating` one whose owner still runs is another prepare at work: exit 5 `busy`,
+    not "pass --force" (which would wreck it).
+    """
     try:
         doc = parse_document(read_small_file(str(meta_path), MAX_METADATA_BYTES))
     except (ImagetoolError, ValueError):
         return False
+    state = doc.get("status") if isinstance(doc, dict) else None
+    if isinstance(state, dict) and state.get("state") == "creating" and not _abandoned(doc):
+        owner = state.get("owner", {})
+        raise EnvironmentProblem(
+            f"another imagetool (pid {owner.get('pid')}) is preparing this output: wait for it",
+            path=str(meta_path),
+            code="busy",
+        )
     return _abandoned(doc)
 
 

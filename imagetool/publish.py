@@ -77,10 +77,16 @@ def _same_registration(doc: MetadataDocument, reg: Registration, meta: Path) -> 
         )
 
 
-def _uploaded(doc: MetadataDocument, container: str, now: datetime) -> bool:
-    """An upload on record to this container whose URL outlives a registration's download."""
+def _uploaded(doc: MetadataDocument, opts: uploading.Options, image: str, now: datetime) -> bool:
+    """An upload on record to this container and object whose URL outlives a registration's download.
+
+    Other upload options than the recorded ones (another container or object) mean upload again.
+    """
     record = doc.get("upload")
-    if record is None or record["container"] != container or "http_url" not in doc["registration"]:
+    where = (opts.container, uploading.object_name(opts, image))
+    if record is None or (record["container"], record["object"]) != where:
+        return False
+    if "http_url" not in doc["registration"]:
         return False
     expires = parse_iso(record["expires_at"])
     return expires is not None and expires >= now + URL_MARGIN
@@ -120,7 +126,7 @@ def publish(
         prepare(source, reg, output_path=str(target), force=force, progress=progress, **prepare_args)
         result.steps["prepare"] = "done"
         doc = read_document(meta)
-    if _registered(doc) or _uploaded(doc, upload_opts.container, datetime.now(UTC)):
+    if _registered(doc) or _uploaded(doc, upload_opts, str(target), datetime.now(UTC)):
         result.steps["upload"] = "skipped"
     else:
         progress = on_progress("upload") if on_progress else None

@@ -11,11 +11,9 @@ name made since then and adopts it instead of creating a second one.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,9 +22,10 @@ from typing import Any
 from imagetool.durations import iso, parse_iso
 from imagetool.errors import EnvironmentProblem, ImageRejected, ImagetoolError, Reason
 from imagetool.library import ApiCredentials, Client, Unanswered, credentials
-from imagetool.metadata import LibraryRecord, MetadataDocument, read_document, save_document
+from imagetool.metadata import LibraryRecord, MetadataDocument, exclusive, read_document, save_document
 from imagetool.output import key_of
 from imagetool.policy import URL_MARGIN_SECONDS
+from imagetool.swift import Secrets, head_url
 
 SCHEMA = "imagetool.register/1"
 DEFAULT_TIMEOUT = 30 * 60
@@ -34,6 +33,10 @@ URL_MARGIN = timedelta(seconds=URL_MARGIN_SECONDS)
 POLL = (2.0, 4.0, 8.0, 15.0)  # waits between looks while `creating` (the last one repeats)
 POST_WAITS = (2.0, 4.0)  # waits between tries of a POST that provably made nothing
 ADOPT_SKEW = timedelta(minutes=5)  # clock difference allowed between us and the API's created_at
+ADOPT_WINDOW = timedelta(minutes=10)  # an unanswered POST's image is created within this of sending it
+DISK_SIZE_SLACK_MIB = 2
+# The body's fields the API shows back (http_url is create-only): what an adopted image must match.
+ECHOED = ("name", "description", "username", "arch", "compatibility_mode", "public", "min_ram")
 DONE = frozenset({"available", "failed", "deprecated", "unavailable", "deleting", "deleted"})
 
 StatusCallback = Callable[[Mapping[str, Any]], None]
@@ -92,24 +95,6 @@ def check_ready(path: Path, doc: MetadataDocument, now: datetime) -> None:
         )
 
 
-@contextlib.contextmanager
-def _exclusive(path: Path, doc: MetadataDocument) -> Iterator[None]:
-    """One register (or publish) per image at a time: an flock on the image file, never modified."""
-    image = path.parent / doc["image"]["file"]
-    target = image if key_of(image) is not None else path
-    fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise EnvironmentProblem(
-                "another imagetool is registering this image: wait for it", path=str(path), code="busy"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def _record(doc: MetadataDocument, api: str, image: Mapping[str, Any] | None, **extra: Any) -> None:
     record: LibraryRecord = {"api": api, "status": "registering"}
     if image is not None:
@@ -127,15 +112,51 @@ def _record(doc: MetadataDocument, api: str, image: Mapping[str, Any] | None, **
 def _adoptable(
     client: Client, body: Mapping[str, Any], since: datetime, known: set[str]
 ) -> list[dict[str, Any]]:
-    """Images an unanswered POST of this body may have made: same name and arch, new since `since`."""
+    """Images an unanswered POST of this body may have made: every field of the body the API shows
+    back equal, created in the minutes after `since` (the POST's time), and not there before it."""
     found = []
     for image in client.images():
         created = parse_iso(str(image.get("created_at", "")))
-        if image.get("id") in known or created is None or created < since - ADOPT_SKEW:
+        if image.get("id") in known or created is None:
             continue
-        if image.get("name") == body["name"] and image.get("arch") == body["arch"]:
+        if not since - ADOPT_SKEW <= created <= since + ADOPT_WINDOW:
+            continue
+        if all(_blank(image.get(key)) == _blank(body.get(key)) for key in ECHOED):
             found.append(image)
     return found
+
+
+def _blank(value: object) -> object:
+    """An unset field reads back as null or "": both mean "not given"."""
+    return None if value in (None, "") else value
+
+
+def check_object(path: Path, doc: MetadataDocument, secrets: Secrets) -> None:
+    """The object behind the temp URL must still be this image: the library downloads whatever is there.
+
+    Another upload under the same name, or a temp-URL key changed since, would make the
+    library register other bytes, or fail; both are said before the POST.
+    """
+    url, image = doc["registration"]["http_url"], doc["image"]
+    assert "upload" in doc  # check_ready saw to it
+    status, headers = head_url(url, secrets)
+    if status != 200:
+        raise EnvironmentProblem(
+            f"the temp URL answers {status} (expired, its key changed, or the object is gone): "
+            "run imagetool upload again",
+            path=str(path),
+            code="url_not_working",
+        )
+    # The ETag, not X-Object-Meta-Sha256: the tempurl middleware strips object metadata from
+    # what it serves. One piece: the image's md5; a large object: md5 of its segments' md5s.
+    stored_etag = str(headers.get("etag", "")).strip('"')
+    stored_size = headers.get("content-length")
+    if stored_etag != doc["upload"]["etag"] or stored_size != str(image["file_size"]):
+        message = (
+            f"the object behind the temp URL is not this image (ETag {stored_etag}, {stored_size} bytes): "
+            "another upload replaced it; run imagetool upload again"
+        )
+        raise ImageRejected(message, [Reason("url_not_this_image", message)], path=str(path))
 
 
 def _create(
@@ -175,7 +196,7 @@ def register(
     path = Path(metadata)
     doc = read_document(path)
     creds = credentials(os.environ if environ is None else environ)
-    with _exclusive(path, doc):
+    with exclusive(path, doc):
         doc = read_document(path)  # what it says now that no other run can change it
         try:
             return _register(path, doc, creds, wait, timeout, on_status, sleep)
@@ -205,6 +226,7 @@ def _register(
             image = client.image(previous["image_id"])  # on record: followed, never created again
         else:
             check_ready(path, doc, datetime.now(UTC))
+            check_object(path, doc, client.secrets)
             since = parse_iso(previous.get("attempt_started", "")) if previous else None
             if previous is not None and previous["status"] == "registering" and since is not None:
                 made = _adoptable(client, body, since, set())
@@ -269,11 +291,18 @@ def _follow(
 
 
 def _size_warnings(doc: MetadataDocument, image: Mapping[str, Any]) -> list[Reason]:
-    """The library's sizes (MiB) against ours: a difference is worth a look, not a failure."""
+    """The library's sizes (MiB) against ours: a difference worth a look, never a failure.
+
+    virtual_size must be equal. disk_size is measured two ways (ours: non-zero bytes; the
+    library's: its own count, whole blocks at least), so only a gap over 2 MiB and 5% is said.
+    """
     warnings = []
     for field_name in ("virtual_size", "disk_size"):
         ours, theirs = doc["image"].get(f"{field_name}_mib"), image.get(field_name)
-        if isinstance(theirs, int) and ours is not None and ours != theirs:
+        if not isinstance(theirs, int) or not isinstance(ours, int):
+            continue
+        gap = abs(ours - theirs)
+        if gap and (field_name == "virtual_size" or gap > max(DISK_SIZE_SLACK_MIB, ours // 20)):
             warnings.append(
                 Reason(
                     f"{field_name}_differs",

@@ -61,5 +61,5 @@ def exit_code(exc: BaseException) -> int:
     return 128 + number(exc)
 
 
-def message(exc: BaseException) -> str:
-    return f"interrupted by {signal.Signals(number(exc)).name}; nothing was left behind"
+def message(exc: BaseException, left: str = "nothing was left behind") -> str:
+    return f"interrupted by {signal.Signals(number(exc)).name}; {left}"

@@ -177,8 +177,13 @@ def cluster(info: Mapping[str, Any]) -> Cluster:
 
 
 def temp_url_key(conn: Any, container: str) -> str | None:
-    """The container's temp-URL key, else the account's (either of the two each may hold)."""
-    container_headers = conn.head_container(container)
+    """The container's temp-URL key (a container not made yet has none), else the account's."""
+    try:
+        container_headers = conn.head_container(container)
+    except Exception as exc:
+        if getattr(exc, "http_status", None) != 404:
+            raise
+        container_headers = {}
     account_headers = conn.head_account()
     for headers, kind in ((container_headers, "container"), (account_headers, "account")):
         for suffix in ("", "-2"):
@@ -186,6 +191,28 @@ def temp_url_key(conn: Any, container: str) -> str | None:
             if value:
                 return str(value)
     return None
+
+
+def old_segments(conn: Any, container: str, obj: str) -> list[tuple[str, str]]:
+    """The (container, name) of each segment the object's manifest lists, if it is a large object."""
+    import json
+
+    try:
+        headers = conn.head_object(container, obj)
+    except Exception as exc:
+        if getattr(exc, "http_status", None) == 404:
+            return []
+        raise
+    if str(headers.get("x-static-large-object", "")).lower() != "true":
+        return []
+    _, body = conn.get_object(container, obj, query_string="multipart-manifest=get")
+    found = []
+    for item in json.loads(body):
+        path = str(item.get("name", "")).lstrip("/")
+        if "/" in path:
+            segment_container, name = path.split("/", 1)
+            found.append((segment_container, name))
+    return found
 
 
 def set_temp_url_key(conn: Any) -> str:
@@ -215,11 +242,22 @@ def sign(storage_url: str, container: str, obj: str, key: str, expires: int, dig
     return f"{parts.scheme}://{parts.netloc}{quote(path)}{query}"
 
 
+def head_url(url: str, secrets: Secrets) -> tuple[int, Mapping[str, str]]:
+    """HEAD a temp URL the way the library will GET it (a GET signature allows HEAD): status, headers."""
+    import requests
+
+    with translated(secrets, "checking the temp URL"):
+        response = requests.head(url, timeout=TIMEOUT, allow_redirects=False)
+        return response.status_code, response.headers
+
+
 def check_container_name(name: str, option: str = "--container") -> str:
     """Swift's rules for a container name, and Orbit's read-only `images` container."""
-    if not name or "/" in name or len(name.encode("utf-8", "surrogateescape")) > 256:
+    too_long = len(name.encode("utf-8", "surrogateescape")) > 256
+    if not name or "/" in name or name in (".", "..") or too_long:
         raise UsageProblem(
-            f"{option} {name!r} is not a container name (1-256 bytes, no '/')", code="bad_container"
+            f"{option} {name!r} is not a container name (1-256 bytes, no '/', not . or ..)",
+            code="bad_container",
         )
     if name in READ_ONLY_CONTAINERS:
         raise UsageProblem(
@@ -231,15 +269,21 @@ def check_container_name(name: str, option: str = "--container") -> str:
 
 
 def check_object_name(name: str, what: str = "--object") -> str:
-    """Swift's rules for an object name; `what` names where it came from (an option, a file name)."""
+    """Swift's rules for an object name; `what` names where it came from (an option, a file name).
+
+    A `.` or `..` path segment is refused: HTTP clients and proxies collapse them, so
+    the object would land in another container (the read-only `images` one included).
+    """
     if not name or len(name.encode("utf-8", "surrogateescape")) > 1024:
         raise UsageProblem(f"{what} must be 1-1024 bytes as an object name", code="bad_object")
+    if any(part in (".", "..") for part in name.split("/")):
+        raise UsageProblem(f"{what} {name!r} has a . or .. path segment", code="bad_object")
     _check_text(name, what, "bad_object")
     return name
 
 
 def _check_text(name: str, what: str, code: str) -> None:
-    """Names go into URLs and terminals: UTF-8 text without control characters."""
+    """Names go into URLs: UTF-8 text without controls (upload.py also refuses bidi marks)."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:

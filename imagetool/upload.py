@@ -44,9 +44,12 @@ from imagetool.metadata import (
     MetadataDocument,
     UploadRecord,
     default_metadata_path,
+    exclusive,
     read_document,
     save_document,
+    unsafe_character,
 )
+from imagetool.policy import URL_MARGIN_SECONDS
 from imagetool.progress import Callback, Progress
 from imagetool.sizes import parse_size
 from imagetool.source import Source, open_source
@@ -55,6 +58,8 @@ SCHEMA = "imagetool.upload/1"
 DEFAULT_EXPIRES = "2d"  # outlasts an asynchronous registration
 # A temp URL is a bearer link to a private image: long enough for a registration, not for ever.
 LONGEST_EXPIRY = timedelta(days=30)
+# register needs URL_MARGIN_SECONDS left when it asks; a shorter URL could never be registered.
+SHORTEST_EXPIRY = timedelta(seconds=3 * URL_MARGIN_SECONDS)
 DEFAULT_SEGMENT_SIZE = 1024**3
 DEFAULT_THREADS = 4
 MAX_THREADS = 32
@@ -113,14 +118,14 @@ def check_options(opts: Options) -> None:
         if opts.segment_container == opts.container:
             raise UsageProblem("--segment-container must differ from --container", code="bad_container")
     if opts.object is not None:
-        swift.check_object_name(opts.object)
+        object_name(opts, "")
     if not 1 <= opts.threads <= MAX_THREADS:
         raise UsageProblem(f"--threads must be 1-{MAX_THREADS}", code="bad_threads")
     if opts.segment_size < 1 << 20:
         raise UsageProblem("--segment-size must be at least 1M", code="bad_segment_size")
     if not 0 <= opts.retries <= 10:
         raise UsageProblem("--retries must be 0-10", code="bad_retries")
-    parse_time(opts.expires, "--expires", datetime.now(UTC), LONGEST_EXPIRY)
+    parse_time(opts.expires, "--expires", datetime.now(UTC), LONGEST_EXPIRY, SHORTEST_EXPIRY)
 
 
 def parse_segment_size(text: str) -> int:
@@ -208,11 +213,18 @@ def slo_etag(md5s: list[str]) -> str:
     return hashlib.md5("".join(md5s).encode(), usedforsecurity=False).hexdigest()
 
 
-def _segment_size(size: int, opts: Options, cluster: swift.Cluster) -> int | None:
+def _segment_size(size: int, opts: Options, cluster: swift.Cluster, obj: str) -> int | None:
     """The segment size to use, or None for one piece."""
     limit = min(opts.segment_size, cluster.max_file_size)
     if size <= limit:
         return None
+    longest = len((_prefix(obj, "0" * 64, size, limit) + "00000000").encode())
+    if longest > 1024:
+        raise UsageProblem(
+            f"the object name is too long for a segmented upload (segment names would be {longest} "
+            "bytes, Swift allows 1024): give a shorter --object",
+            code="bad_object",
+        )
     if not cluster.slo:
         raise EnvironmentProblem(
             f"the image is over this Swift's one-object limit ({cluster.max_file_size} bytes) and the "
@@ -327,37 +339,50 @@ def _stored_segments(conn: Any, container: str, prefix: str) -> dict[str, tuple[
     return {item["name"]: (int(item["bytes"]), str(item["hash"])) for item in listing}
 
 
-def _remove_stale_segments(conn: Any, seg_container: str, obj: str, keep: set[str]) -> int:
-    """Delete segments earlier uploads of this object name left (another image, another segment size).
+def _remove_replaced_segments(conn: Any, old: list[tuple[str, str]], obj: str, keep: set[str]) -> int:
+    """Delete the segments of the large object this upload replaced (storage the account pays for).
 
-    Only names under `<object>/slo/` (the names imagetool gives) are touched, and only
-    once the new object is in place: a stale segment is storage the account pays for.
+    Only segments its own manifest listed, named the way imagetool names them for
+    this object, and not part of the new object: nothing another object uses.
     """
-    stale = [name for name in _stored_segments(conn, seg_container, f"{obj}/slo/") if name not in keep]
-    for name in stale:
+    removed = 0
+    for segment_container, name in old:
+        if not name.startswith(f"{obj}/slo/") or name in keep:
+            continue
         try:
-            conn.delete_object(seg_container, name)
+            conn.delete_object(segment_container, name)
+            removed += 1
         except Exception as exc:  # already gone (another run cleaned up): fine
             if getattr(exc, "http_status", None) != 404:
                 raise
-    return len(stale)
+    return removed
 
 
-def _identical(
-    conn: Any, container: str, obj: str, previous: UploadRecord | None, size: int, md5: str
-) -> bool:
-    """Whether the object is already this image (an earlier complete upload): nothing to send."""
+def _already_there(
+    conn: Any, container: str, obj: str, doc: MetadataDocument, size: int
+) -> UploadRecord | None:
+    """The document's upload record when the object still is this image: nothing to send again.
+
+    The object must carry this image's sha256 (imagetool sets X-Object-Meta-Sha256 on
+    what it uploads), its size, and the ETag on record; one piece must also have the
+    image's md5, which Swift computed itself.
+    """
+    previous, image = doc.get("upload"), doc["image"]
     if previous is None or (previous["container"], previous["object"]) != (container, obj):
-        return False
+        return None
     try:
         headers = conn.head_object(container, obj)
     except Exception as exc:
         if getattr(exc, "http_status", None) == 404:
-            return False
+            return None
         raise
-    etag = headers.get("etag", "").strip('"')
-    same_size = int(headers.get("content-length", -1)) == size
-    return same_size and etag == previous["etag"] and previous.get("md5") == md5
+    etag = str(headers.get("etag", "")).strip('"')
+    same = (
+        headers.get("x-object-meta-sha256") == image["sha256"]
+        and int(headers.get("content-length", -1)) == size
+    )
+    one_piece = previous["segments"] == 0
+    return previous if same and etag == previous["etag"] and (not one_piece or etag == image["md5"]) else None
 
 
 def _confirm(conn: Any, container: str, obj: str, size: int, etag: str) -> None:
@@ -412,17 +437,32 @@ def upload(
     environ: Mapping[str, str] | None = None,
     on_progress: Callback | None = None,
 ) -> UploadResult:
+    """Check, send, confirm, sign and record; see the module docstring."""
     check_options(opts)
     meta = Path(metadata) if metadata is not None else default_metadata_path(image)
     creds = swift.credentials(os.environ if environ is None else environ)
-    _refuse_what_preflight_fails(image, meta)
-    doc = read_document(meta)
-    with open_source(image) as src:
+    # Opened before preflight reads it: the identity taken here covers preflight's checksums,
+    # so a write between the check and the upload is caught (ensure_unchanged), never sent.
+    with open_source(image) as src, exclusive(meta, read_document(meta)):
+        _refuse_what_preflight_fails(image, meta)
+        src.ensure_unchanged()
+        doc = read_document(meta)  # as preflight validated it, and no other run can change it now
         try:
             return _upload(src, meta, doc, opts, creds, on_progress)
         except ImagetoolError as exc:
             exc.path = exc.path or image  # every failure names the image it was about
             raise
+
+
+def object_name(opts: Options, image: str) -> str:
+    """--object, or the image's file name: Swift's rules and the document's (text a terminal shows)."""
+    what = "--object" if opts.object is not None else "the image's file name (give --object NAME)"
+    name = swift.check_object_name(opts.object or Path(image).name, what)
+    if (char := unsafe_character(name)) is not None:
+        raise UsageProblem(
+            f"{what} contains U+{ord(char):04X} (a control or bidi character)", code="bad_object"
+        )
+    return name
 
 
 def _upload(
@@ -435,14 +475,11 @@ def _upload(
 ) -> UploadResult:
     facts = doc["image"]
     size, md5, sha256 = src.size, facts["md5"], facts["sha256"]
-    obj = opts.object or swift.check_object_name(
-        Path(src.path).name, "the image's file name (give --object NAME)"
-    )
-    container = opts.container
+    obj, container = object_name(opts, src.path), opts.container
     seg_container = opts.segment_container or f"{container}_segments"
     secrets = creds.secrets
     now = datetime.now(UTC)
-    expires = parse_time(opts.expires, "--expires", now, LONGEST_EXPIRY)
+    expires = parse_time(opts.expires, "--expires", now, LONGEST_EXPIRY, SHORTEST_EXPIRY)
     run = _Run(creds, opts.retries, src.fd, threading.Event(), _Counter(), threading.local())
     started = time.monotonic()
 
@@ -457,10 +494,9 @@ def _upload(
             raise EnvironmentProblem(
                 "this Swift has no tempurl middleware: no URL can be signed", code="no_tempurl"
             )
-        seg_size = _segment_size(size, opts, cluster)
-        conn.put_container(container)
+        seg_size = _segment_size(size, opts, cluster, obj)
         key, key_set = swift.temp_url_key(conn, container), False
-        if key is None:
+        if key is None:  # said before anything is made or sent
             if not opts.set_temp_url_key:
                 raise EnvironmentProblem(
                     "neither the account nor the container has a temp-URL key: rerun with "
@@ -470,42 +506,26 @@ def _upload(
                 )
             key, key_set = swift.set_temp_url_key(conn), True
         secrets.add(key)
-    previous = doc.get("upload")
+        conn.put_container(container)
     with swift.translated(secrets, f"uploading to {container}/{obj}"):
-        reused = _identical(conn, container, obj, previous, size, md5)
-        sent, kept = 0, 0
-        if reused:
-            assert previous is not None
+        previous = _already_there(conn, container, obj, doc, size)
+        reused, sent, kept, removed = previous is not None, 0, 0, 0
+        if previous is not None:
             etag, count = previous["etag"], previous["segments"]
             run.done.add(size)
-        elif seg_size is None:
-            body = _Body(src.fd, 0, size, run.stop, run.done.add)
-            _in_parallel(
-                run,
-                [
-                    lambda: conn.put_object(
-                        container,
-                        obj,
-                        body,
-                        content_length=size,
-                        etag=md5,
-                        content_type="application/octet-stream",
-                    )
-                ],
-                1,
-                tick,
-            )
-            etag, count, sent = md5, 0, 1
         else:
-            etag, count, sent, kept = _upload_segments(
-                run, conn, src, opts, obj, container, seg_container, seg_size, sha256, tick
-            )
-        src.ensure_unchanged()
-        _confirm(conn, container, obj, size, etag)
-        removed = 0
-        if not reused:  # the object is this image now: segments of earlier ones are garbage
+            old = swift.old_segments(conn, container, obj)
+            if seg_size is None:
+                _put_whole(run, conn, container, obj, size, md5, sha256, tick)
+                etag, count, sent = md5, 0, 1
+            else:
+                etag, count, sent, kept = _upload_segments(
+                    run, conn, src, opts, obj, container, seg_container, seg_size, sha256, tick
+                )
+            src.ensure_unchanged()
+            _confirm(conn, container, obj, size, etag)
             plan = segments(size, seg_size, _prefix(obj, sha256, size, seg_size)) if seg_size else []
-            removed = _remove_stale_segments(conn, seg_container, obj, {seg.name for seg in plan})
+            removed = _remove_replaced_segments(conn, old, obj, {seg.name for seg in plan})
         tick()
         url = swift.sign(conn.url, container, obj, key, int(expires.timestamp()), cluster.digest)
     if opts.verify_download:
@@ -520,7 +540,7 @@ def _upload(
         "etag": etag,
         "md5": md5,
         "bytes": size,
-        "uploaded_at": iso(now) if not reused or previous is None else previous["uploaded_at"],
+        "uploaded_at": previous["uploaded_at"] if previous is not None else iso(now),
         "expires_at": iso(expires),
         "digest": cluster.digest,
         "verified_download": opts.verify_download,
@@ -535,11 +555,24 @@ def _upload(
         record=record,
         sent_segments=sent,
         kept_segments=kept,
-        sent_bytes=run.done.value if not reused else 0,
+        sent_bytes=0 if reused else run.done.value,
         removed_segments=removed,
         reused=reused,
         temp_url_key_set=key_set,
     )
+
+
+def _put_whole(
+    run: _Run, conn: Any, container: str, obj: str, size: int, md5: str, sha256: str, tick: Callable[[], None]
+) -> None:
+    """One PUT with the image's md5 as ETag: Swift refuses (422) bytes that do not match it."""
+    body = _Body(run.fd, 0, size, run.stop, run.done.add)
+    headers = {"X-Object-Meta-Sha256": sha256}
+    put = functools.partial(
+        conn.put_object, container, obj, body, content_length=size, etag=md5, headers=headers,
+        content_type="application/octet-stream",
+    )  # fmt: skip
+    _in_parallel(run, [put], 1, tick)
 
 
 def _prefix(obj: str, sha256: str, size: int, seg_size: int) -> str:

@@ -320,7 +320,8 @@ def test_prepare_never_replaces_a_live_runs_document(cli, tmp_path):
     meta = tmp_path / "o.qcow2.json"
     _doc(meta, "creating", _owner())  # this very process: alive
     result = cli("prepare", SAMPLE, *REG, "-o", tmp_path / "o.qcow2", "--json")
-    assert result.code == 2 and result.json["error"]["code"] == "output_exists"
+    assert result.code == 5 and result.json["error"]["code"] == "busy"  # not "pass --force": wait
+    assert "another imagetool (pid" in result.err
     assert json.loads(meta.read_text())["status"]["state"] == "creating"
 
 

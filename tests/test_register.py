@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from conftest import sparse_raw
 from test_upload import all_text, container, copy_of, doc_of
 
 from imagetool import library, register
+from imagetool.durations import iso
 
 SECRET_MARK = "s3cret-standin"
 
@@ -159,7 +161,12 @@ def test_api_unreachable_exits_5_and_records_the_attempt(cli, swift_env, images,
     assert "x-s3cret-x" not in result.err + result.out
 
 
-def test_an_expired_url_is_refused_before_the_api_is_asked(cli, swift_env, standin, images, tmp_path):
+def test_an_expired_url_is_refused_before_the_api_is_asked(
+    cli, swift_env, standin, images, tmp_path, monkeypatch
+):
+    from imagetool import upload
+
+    monkeypatch.setattr(upload, "SHORTEST_EXPIRY", timedelta(0))  # upload itself refuses a URL this short
     meta = f"{uploaded(cli, images, tmp_path, '--expires', '5m')}.json"
     result = cli("register", meta, "--json")
     assert result.code == 5 and result.json["error"]["code"] == "url_expired"
@@ -263,13 +270,36 @@ def test_publish_with_other_registration_fields_needs_force(cli, swift_env, stan
 
 def test_a_run_that_died_after_its_post_is_adopted_by_the_next(cli, swift_env, standin, images, tmp_path):
     """The document says `registering` (the POST went out, its answer was never recorded): look first."""
-    import urllib.request
 
     image = uploaded(cli, images, tmp_path)
     meta = Path(f"{image}.json")
     doc = json.loads(meta.read_text())
-    doc["library"] = {"api": "x", "status": "registering", "attempt_started": "2020-01-01T00:00:00Z"}
+    doc["library"] = {"api": "x", "status": "registering", "attempt_started": iso(datetime.now(UTC))}
     meta.write_text(json.dumps(doc))
+    made = post_directly(standin, doc["registration"])
+    result = cli("register", meta, "--json")
+    assert result.code == 0, result.err
+    assert result.json["adopted"] is True and result.json["image_id"] == made
+    assert standin.state()["images_created"] == 1
+
+
+def test_an_image_that_differs_in_any_field_is_not_adopted(cli, swift_env, standin, images, tmp_path):
+    image = uploaded(cli, images, tmp_path)
+    meta = Path(f"{image}.json")
+    doc = json.loads(meta.read_text())
+    doc["library"] = {"api": "x", "status": "registering", "attempt_started": iso(datetime.now(UTC))}
+    meta.write_text(json.dumps(doc))
+    other = post_directly(standin, dict(doc["registration"], description="another document's image"))
+    result = cli("register", meta, "--json")
+    assert result.code == 0, result.err
+    assert result.json["adopted"] is False and result.json["created"] is True
+    assert result.json["image_id"] != other
+
+
+def post_directly(standin: Any, body: dict[str, Any]) -> str:
+    """POST /1.0/images the way another client (or a run that died after sending) does: the new id."""
+    import urllib.request
+
     token_request = urllib.request.Request(
         f"{standin.url}/token",
         data=b"grant_type=client_credentials",
@@ -281,12 +311,49 @@ def test_a_run_that_died_after_its_post_is_adopted_by_the_next(cli, swift_env, s
         token = json.loads(response.read())["access_token"]
     post = urllib.request.Request(
         f"{standin.url}/1.0/images",
-        data=json.dumps(doc["registration"]).encode(),
+        data=json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(post) as response:  # what the dead run's POST made
-        made = json.loads(response.read())["id"]
-    result = cli("register", meta, "--json")
-    assert result.code == 0, result.err
-    assert result.json["adopted"] is True and result.json["image_id"] == made
-    assert standin.state()["images_created"] == 1
+    with urllib.request.urlopen(post) as response:
+        return str(json.loads(response.read())["id"])
+
+
+def test_an_object_replaced_since_the_upload_is_not_registered(cli, swift_env, standin, images, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    mine, theirs = copy_of(images, "small", a), copy_of(images, "big", b)
+    c = container()
+    assert cli("upload", mine, "-c", c, "--object", "disk.qcow2", "--set-temp-url-key").code == 0
+    assert cli("upload", theirs, "-c", c, "--object", "disk.qcow2").code == 0  # same name, other image
+    result = cli("register", f"{mine}.json", "--json")
+    assert result.code == 3 and result.json["error"]["code"] == "url_not_this_image"
+    assert standin.state()["post_images_requests"] == 0
+
+
+def test_register_without_the_image_beside_it_locks_the_directory(cli, swift_env, standin, images, tmp_path):
+    import fcntl
+    import os as os_
+
+    image = uploaded(cli, images, tmp_path)
+    image.unlink()  # register needs only the document
+    fd = os_.open(tmp_path, os_.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        result = cli("register", f"{image}.json", "--json")
+    finally:
+        os_.close(fd)
+    assert result.code == 5 and result.json["error"]["code"] == "busy"
+    assert cli("register", f"{image}.json", "--json").code == 0
+
+
+def test_publish_rerun_with_another_object_name_uploads_again(cli, swift_env, standin, tmp_path):
+    raw = raw_disk(tmp_path)
+    c = container()
+    assert cli("publish", raw, "-c", c, *PUBLISH, "--json").code == 0
+    doc = json.loads((tmp_path / "web.qcow2.json").read_text())
+    doc.pop("library")  # as if register had not run yet
+    (tmp_path / "web.qcow2.json").write_text(json.dumps(doc))
+    again = cli("publish", raw, "-c", c, *PUBLISH, "--object", "renamed.qcow2", "--json")
+    assert again.code == 0, again.err
+    assert again.json["steps"]["upload"] == "done"
+    assert json.loads((tmp_path / "web.qcow2.json").read_text())["upload"]["object"] == "renamed.qcow2"

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,10 @@ def test_over_the_clusters_object_limit_segments_even_with_a_bigger_segment_size
     assert result.json["record"]["segments"] == -(-image.stat().st_size // (8 << 20))  # the cluster's 8 MiB
 
 
-def test_tampered_or_expired_url_is_refused_by_swift(cli, swift_env, images, tmp_path):
+def test_tampered_or_expired_url_is_refused_by_swift(cli, swift_env, images, tmp_path, monkeypatch):
+    from imagetool import upload
+
+    monkeypatch.setattr(upload, "SHORTEST_EXPIRY", timedelta(0))  # a URL that expires while we watch
     image = copy_of(images, "small", tmp_path)
     result = cli("upload", image, "-c", container(), "--expires", "2s", "--set-temp-url-key", "--json")
     assert result.code == 0, result.err
@@ -308,6 +312,12 @@ def test_an_unfinished_document_is_refused(cli, swift_env, images, tmp_path):
         (("-c", "ok", "--expires", "31d"), "bad_time"),  # a bearer link to a private image: 30 days at most
         (("-c", "ok", "--expires", "99999999d"), "bad_time"),
         (("-c", "ok", "--expires", "0m"), "bad_duration"),
+        (("-c", "ok", "--expires", "5m"), "bad_time"),  # register could never use it
+        (("-c", "ok", "--object", "../victim/x"), "bad_object"),  # HTTP collapses it: another container
+        (("-c", "ok", "--object", "."), "bad_object"),
+        (("-c", "ok", "--object", "a/../../images/x"), "bad_object"),
+        (("-c", ".."), "bad_container"),
+        (("-c", "ok", "--object", "a\u202eb"), "bad_object"),  # bidi override: not text for the document
         (("-c", "ok", "--threads", "0"), "bad_threads"),
         (("-c", "ok", "--segment-size", "1K"), "bad_segment_size"),
         (("-c", "ok", "--object", "a\x1bb"), "bad_object"),
@@ -355,3 +365,88 @@ def test_a_new_image_under_the_same_name_removes_the_old_ones_segments(
     assert second.json["removed_segments"] == first.json["record"]["segments"]
     assert listing(swift_cluster, f"{c}_segments") == []
     assert fetch(second.json["url"])[1] == small.read_bytes()
+
+
+def test_a_shared_segment_container_never_loses_another_objects_segments(cli, swift_env, images, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    first, second = copy_of(images, "big", a), copy_of(images, "small", b)
+    shared, ca, cb = container(), container(), container()
+    one = cli("upload", first, "-c", ca, "--segment-container", shared, "--segment-size", "4M",
+              "--set-temp-url-key", "--json")  # fmt: skip
+    assert one.code == 0, one.err
+    two = cli("upload", second, "-c", cb, "--segment-container", shared, "--object", first.name, "--json")
+    assert two.code == 0, two.err
+    assert two.json["removed_segments"] == 0
+    assert fetch(one.json["url"])[1] == first.read_bytes()
+
+
+def test_a_forged_upload_record_is_not_trusted(cli, swift_env, images, tmp_path):
+    small = copy_of(images, "small", tmp_path)
+    big = copy_of(images, "big", tmp_path)
+    c = container()
+    done = cli("upload", small, "-c", c, "--object", "x", "--set-temp-url-key", "--json")
+    assert done.code == 0, done.err
+    meta = Path(f"{big}.json")
+    doc = json.loads(meta.read_text())
+    doc["upload"] = dict(done.json["record"], md5=doc["image"]["md5"])  # "this image is already there"
+    meta.write_text(json.dumps(doc))
+    again = cli("upload", big, "-c", c, "--object", "x", "--json")
+    assert again.code == 0, again.err
+    assert again.json["reused"] is False
+    assert fetch(again.json["url"])[1] == big.read_bytes()
+
+
+def test_upload_keeps_what_register_recorded(cli, swift_env, images, tmp_path):
+    image = copy_of(images, "small", tmp_path)
+    c = container()
+    assert cli("upload", image, "-c", c, "--set-temp-url-key").code == 0
+    meta = Path(f"{image}.json")
+    doc = json.loads(meta.read_text())
+    doc["library"] = {"api": "api.example", "status": "creating", "image_id": "img-abcde"}
+    meta.write_text(json.dumps(doc))
+    assert cli("upload", image, "-c", c, "--expires", "3d").code == 0
+    assert json.loads(meta.read_text())["library"]["image_id"] == "img-abcde"
+
+
+def test_a_second_run_on_the_same_image_is_told_busy(cli, swift_env, images, tmp_path):
+    import fcntl
+
+    image = copy_of(images, "small", tmp_path)
+    with image.open("rb") as held:  # what a running upload or register holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = cli("upload", image, "-c", container(), "--set-temp-url-key", "--json")
+    assert result.code == 5 and result.json["error"]["code"] == "busy"
+    assert "upload" not in doc_of(image)
+
+
+def test_the_image_changed_after_preflight_is_never_sent(
+    cli, swift_env, swift_cluster, images, tmp_path, monkeypatch
+):
+    from imagetool import upload
+
+    image = copy_of(images, "small", tmp_path)
+    checked = upload._refuse_what_preflight_fails
+
+    def check_then_write(path: str, meta: Path) -> None:  # the fault: a writer right after the check
+        checked(path, meta)
+        with open(path, "r+b") as f:
+            f.seek(1 << 20)
+            f.write(b"EVIL")
+
+    monkeypatch.setattr(upload, "_refuse_what_preflight_fails", check_then_write)
+    c = container()
+    result = cli("upload", image, "-c", c, "--set-temp-url-key", "--json")
+    assert result.code == 5 and result.json["error"]["code"] == "source_changed"
+    assert "upload" not in doc_of(image)
+    assert swift_request(swift_cluster, "HEAD", f"/{c}")[0] == 404
+
+
+def test_an_object_name_too_long_for_segments_is_refused_before_sending(
+    cli, swift_env, swift_cluster, images, tmp_path
+):
+    image = copy_of(images, "big", tmp_path)
+    c = container()
+    result = cli("upload", image, "-c", c, "--object", "x" * 1000, "--set-temp-url-key", "--json")
+    assert result.code == 2 and result.json["error"]["code"] == "bad_object"
+    assert swift_request(swift_cluster, "HEAD", f"/{c}")[0] == 404
