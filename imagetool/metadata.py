@@ -40,6 +40,7 @@ from jsonschema import Draft202012Validator, ValidationError
 
 from imagetool import __version__, qemu
 from imagetool.errors import EnvironmentProblem, ImageRejected, Reason, UsageProblem
+from imagetool.fingerprint import Fingerprint, sealed, vouches
 from imagetool.inspection import DEFAULT_MAX_VIRTUAL_SIZE, Report, inspect_source
 from imagetool.output import FileKey, check_target, write_file
 from imagetool.policy import MAX_JSON_DEPTH, MAX_METADATA_BYTES
@@ -115,6 +116,7 @@ class ImageFacts(TypedDict, total=False):
     source_type: str  # `snapshot` for imagetool snapshot
     chain: list[dict[str, Any]]  # the files a snapshot flattened, top first
     snapshot: str | None  # the internal snapshot it exported
+    fingerprint: Fingerprint  # the file the checksums were computed from, as it was then
 
 
 class Fits(TypedDict, total=False):
@@ -441,14 +443,25 @@ def _measured(report: Report) -> tuple[str, int, int]:
     return report.format, report.virtual_size, report.disk_size
 
 
-def image_facts(src: Source, report: Report, disk_size: int | None = None) -> ImageFacts:
-    """The measured `image` object; `disk_size` overrides an estimate with a known exact value."""
+def image_facts(
+    src: Source, report: Report, disk_size: int | None = None, recorded: ImageFacts | None = None
+) -> ImageFacts:
+    """The measured `image` object; `disk_size` overrides an estimate with a known exact value.
+
+    The checksums are read from the file, unless `recorded` (a document's facts) carries
+    a fingerprint that vouches for them (fingerprint.py): the same file, unchanged since.
+    """
     fmt, virtual, measured = _measured(report)
-    sha256, md5 = checksums(src.fd)
+    if recorded is not None and vouches(
+        recorded.get("fingerprint"), src.identity, recorded.get("sha256"), recorded.get("md5")
+    ):
+        sha256, md5 = recorded["sha256"], recorded["md5"]
+    else:
+        sha256, md5 = checksums(src.fd)
     src.ensure_unchanged()  # the checksums describe a file only if nothing wrote to it meanwhile
     size = measured if disk_size is None else disk_size
     qcow2 = report.qcow2
-    return {
+    facts: ImageFacts = {
         "file": Path(src.path).name,
         "format": fmt,
         "qcow2_compat": qcow2.compat if qcow2 else None,
@@ -463,6 +476,9 @@ def image_facts(src: Source, report: Report, disk_size: int | None = None) -> Im
         "md5": md5,
         "official": False,
     }
+    if (sealed_print := sealed(src.identity, sha256, md5)) is not None:
+        facts["fingerprint"] = sealed_print
+    return facts
 
 
 def fits(virtual_size: int, server_disk: int | None) -> Fits:

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from imagetool.convert import DEFAULT_LIMIT
 from imagetool.errors import SIZE_REASONS, ExitCode, ImageRejected
+from imagetool.fingerprint import vouches
 from imagetool.inspection import DEFAULT_MAX_VIRTUAL_SIZE, Report, inspect_source
 from imagetool.metadata import SCHEMA as METADATA_SCHEMA
 from imagetool.metadata import (
@@ -301,12 +302,15 @@ def _metadata_checks(read: _Read, src: Source, report: Report) -> tuple[list[Che
         not_compared = "not compared: nothing in a document that does not validate is used"
         return [_schema_check(errors), _skip("metadata_matches", not_compared), registration], None
     doc = cast(MetadataDocument, read.parsed)  # it validates: it is one
-    mismatches = _mismatches(doc, image_facts(src, report), report)
+    mismatches = _mismatches(doc, image_facts(src, report, recorded=doc["image"]), report)
     if mismatches:
         message = "the metadata describes another file: " + "; ".join(mismatches)
         matches = Check("metadata_matches", "fail", message, "metadata_mismatch")
         return [_schema_check([]), matches, registration], None
-    matches = Check("metadata_matches", "pass", "checksums, sizes, name and format match this file")
+    image = doc["image"]
+    unread = vouches(image.get("fingerprint"), src.identity, image.get("sha256"), image.get("md5"))
+    how = " (checksums recorded for this very file, unchanged since: not read again)" if unread else ""
+    matches = Check("metadata_matches", "pass", f"checksums, sizes, name and format match this file{how}")
     checks = [_schema_check([]), matches, registration, *_upload_check(doc)]
     return checks, _trusted_disk_size(doc, report)
 

@@ -21,6 +21,7 @@ from typing import Any
 from imagetool import output
 from imagetool.convert import DEFAULT_LIMIT, ConvertResult, check_options, convert, default_output
 from imagetool.errors import EnvironmentProblem, ImagetoolError, Interrupted, Reason
+from imagetool.fingerprint import sealed
 from imagetool.inspection import Report, inspect_source
 from imagetool.metadata import (
     Fits,
@@ -40,7 +41,7 @@ from imagetool.metadata import (
 from imagetool.policy import MAX_METADATA_BYTES
 from imagetool.progress import Callback, Progress
 from imagetool.sizes import to_mib
-from imagetool.source import Source, open_source, read_small_file
+from imagetool.source import Identity, Source, open_source, read_small_file
 
 _STATUS_EVERY = 1.0  # seconds between `creating` updates of the JSON file
 
@@ -93,6 +94,27 @@ def _may_replace(meta_path: Path) -> bool:
             code="busy",
         )
     return _abandoned(doc)
+
+
+def _refresh_fingerprint(image: ImageFacts, target: Path) -> None:
+    """Putting the qcow2 in place (link, rename) changed its ctime: seal the one it has now.
+
+    Only when nothing else changed (same inode, size and mtime); otherwise no fingerprint,
+    and whoever checks the file reads it again.
+    """
+    recorded = image.pop("fingerprint", None)
+    try:
+        now = Identity.of(os.stat(target, follow_symlinks=False))
+    except OSError:
+        return
+    same = recorded is not None and (
+        recorded["device"],
+        recorded["inode"],
+        recorded["size"],
+        recorded["mtime_ns"],
+    ) == (now.device, now.inode, now.size, now.mtime_ns)
+    if same and (fresh := sealed(now, image["sha256"], image["md5"])) is not None:
+        image["fingerprint"] = fresh
 
 
 def _undo(
@@ -201,6 +223,7 @@ def prepare(
             before_commit=measure,
         )
         checks.extend(["convert", "verify"] if verify else ["convert"])
+        _refresh_fingerprint(image, target)
         doc = record(status("available"), fits(image["virtual_size"], server_disk))
     except ImagetoolError as exc:
         _undo(result, target, record, written[0], Reason(exc.code, exc.message))

@@ -22,6 +22,12 @@ SAMPLE = FIXTURES / "sample.raw"
 CANARY = b"CANARY-imagetool-7f3a9c-host-secret\n"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_state_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """imagetool keeps its fingerprint key in XDG_STATE_HOME: the tests' own, not the machine's."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+
+
 @dataclass
 class Result:
     code: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -167,3 +168,38 @@ def test_unsafe_image_fails_inspect(cli, tmp_path):
     image = make_qcow2(tmp_path / "e.qcow2", "1M", "-b", str(tmp_path / "x"), "-F", "raw", "-u")
     result = cli("preflight", image, "--json")
     assert result.code == 3 and statuses(result) == {"inspect": "fail"}
+
+
+def test_checksums_of_an_unchanged_prepared_file_are_not_read_again(cli, tmp_path):
+    """prepare records the qcow2's fingerprint; preflight trusts the checksums only while it holds."""
+    out = tmp_path / "s.qcow2"
+    assert cli("prepare", SAMPLE, "-o", out, "--name", "s", "--arch", "x86_64", "--username", "u").code == 0
+    meta = f"{out}.json"
+    st = out.stat()
+    recorded = json.loads(Path(meta).read_text())["image"]["fingerprint"]
+    numbers = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    assert tuple(recorded[k] for k in ("device", "inode", "size", "mtime_ns", "ctime_ns")) == numbers
+
+    def matches() -> tuple[int, str]:
+        result = cli("preflight", out, "--metadata", meta, "--no-guest", "--json")
+        check = {c["name"]: c for c in result.json["checks"]}["metadata_matches"]
+        return result.code, check["message"]
+
+    code, message = matches()
+    assert code == 0 and "not read again" in message
+    doc = json.loads(Path(meta).read_text())
+    lying = tmp_path / "lying.json"
+    lying.write_text(
+        json.dumps(doc | {"image": doc["image"] | {"sha256": "0" * 64}})
+    )  # the seal no longer fits
+    result = cli("preflight", out, "--metadata", lying, "--no-guest", "--json")
+    assert result.code == 3 and "sha256:" in result.out
+    os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))  # same times, but the ctime moves on
+    code, message = matches()
+    assert code == 0 and "not read again" not in message  # read and hashed: still this file
+    data = bytearray(out.read_bytes())
+    data[-1] ^= 0xFF  # one byte, then the mtime put back: only the ctime tells
+    out.write_bytes(bytes(data))
+    os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+    code, message = matches()
+    assert code == 3 and "sha256" in message
