@@ -66,7 +66,8 @@ bench: setup
 	@command -v sfdisk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq fdisk >/dev/null; }
 	@command -v debootstrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq debootstrap >/dev/null; }
 	cd bench && ../$(BIN)/python inspect_bench.py && ../$(BIN)/python convert_bench.py && ../$(BIN)/python disk_size_bench.py && ../$(BIN)/python writer_bench.py \
-	  && ../$(BIN)/python guest_bench.py
+	  && ../$(BIN)/python guest_bench.py \
+	  && ../$(BIN)/python upload_bench.py
 
 clean: swift-down
 	rm -rf $(VENV) bench/work build .pytest_cache

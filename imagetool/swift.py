@@ -132,11 +132,18 @@ def translated(secrets: Secrets, doing: str) -> Iterator[None]:
         raise failure(exc, secrets, doing) from None
 
 
-def connect(creds: Credentials, *, retries: int = 5) -> Any:
-    """A swiftclient Connection (one per thread: they are not thread-safe)."""
+def connect(creds: Credentials, *, retries: int = 5, like: Any = None) -> Any:
+    """A swiftclient Connection (one per thread: they are not thread-safe).
+
+    `like`: a logged-in connection whose storage URL and token this one starts with
+    (no login per thread); it still logs in with the credentials when the token expires.
+    """
     from swiftclient.client import Connection
 
-    return Connection(**creds.options, retries=retries, starting_backoff=1, max_backoff=16, timeout=TIMEOUT)
+    options = dict(creds.options)
+    if like is not None and like.url and like.token:
+        options |= {"preauthurl": like.url, "preauthtoken": like.token}
+    return Connection(**options, retries=retries, starting_backoff=1, max_backoff=16, timeout=TIMEOUT)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -255,10 +255,13 @@ class _Run:
     done: _Counter
     local: threading.local
 
+    first: Any = None  # the main thread's connection: the others start with its token
+
     def connection(self) -> Any:
         conn = getattr(self.local, "conn", None)
         if conn is None:
-            conn = self.local.conn = swift.connect(self.creds, retries=self.retries)
+            conn = self.local.conn = swift.connect(self.creds, retries=self.retries, like=self.first)
+            self.first = self.first or conn
         return conn
 
 
@@ -418,6 +421,48 @@ def _verify_download(url: str, size: int, sha256: str, stop: threading.Event) ->
         )
 
 
+@dataclass
+class _Handshake:
+    """What Swift says before anything is written: the login, `/info` and the temp-URL key.
+
+    Read-only, so it runs on its own thread while preflight checks the image: over a real
+    network that is several round trips off the critical path. Its error, if any, is
+    raised only when the checks have passed (an image problem is said first).
+    """
+
+    conn: Any = None
+    cluster: swift.Cluster | None = None
+    key: str | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def start(cls, creds: swift.Credentials, retries: int, container: str) -> _Handshake:
+        shake = cls()
+
+        def run() -> None:
+            try:
+                with swift.translated(creds.secrets, "contacting Swift"):
+                    shake.conn = swift.connect(creds, retries=retries)
+                    shake.cluster = swift.cluster(shake.conn.get_capabilities())
+                    shake.key = swift.temp_url_key(shake.conn, container)
+            except BaseException as exc:  # handed to the caller, which raises it
+                shake.error = exc
+            finally:
+                shake.done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        return shake
+
+    def result(self) -> tuple[Any, swift.Cluster, str | None]:
+        while not self.done.wait(_POLL):  # short waits: a signal reaches the main thread
+            pass
+        if self.error is not None:
+            raise self.error
+        assert self.cluster is not None
+        return self.conn, self.cluster, self.key
+
+
 def _refuse_what_preflight_fails(image: str, meta: Path) -> None:
     """The checks `preflight --metadata` runs, with its exit codes, before a byte is sent."""
     from imagetool.preflight import preflight
@@ -441,6 +486,7 @@ def upload(
     check_options(opts)
     meta = Path(metadata) if metadata is not None else default_metadata_path(image)
     creds = swift.credentials(os.environ if environ is None else environ)
+    shake = _Handshake.start(creds, opts.retries, opts.container)
     # Opened before preflight reads it: the identity taken here covers preflight's checksums,
     # so a write between the check and the upload is caught (ensure_unchanged), never sent.
     with open_source(image) as src, exclusive(meta, read_document(meta)):
@@ -448,7 +494,7 @@ def upload(
         src.ensure_unchanged()
         doc = read_document(meta)  # as preflight validated it, and no other run can change it now
         try:
-            return _upload(src, meta, doc, opts, creds, on_progress)
+            return _upload(src, meta, doc, opts, creds, shake, on_progress)
         except ImagetoolError as exc:
             exc.path = exc.path or image  # every failure names the image it was about
             raise
@@ -471,6 +517,7 @@ def _upload(
     doc: MetadataDocument,
     opts: Options,
     creds: swift.Credentials,
+    shake: _Handshake,
     on_progress: Callback | None,
 ) -> UploadResult:
     facts = doc["image"]
@@ -487,15 +534,15 @@ def _upload(
         if on_progress is not None:
             on_progress(Progress(run.done.value, size, time.monotonic() - started, run.done.value))
 
+    conn, cluster, key = shake.result()
+    run.first = run.local.conn = conn
     with swift.translated(secrets, "contacting Swift"):
-        conn = run.connection()
-        cluster = swift.cluster(conn.get_capabilities())
         if cluster.digest is None:
             raise EnvironmentProblem(
                 "this Swift has no tempurl middleware: no URL can be signed", code="no_tempurl"
             )
         seg_size = _segment_size(size, opts, cluster, obj)
-        key, key_set = swift.temp_url_key(conn, container), False
+        key_set = False
         if key is None:  # said before anything is made or sent
             if not opts.set_temp_url_key:
                 raise EnvironmentProblem(
