@@ -270,12 +270,7 @@ def test_publish_with_other_registration_fields_needs_force(cli, swift_env, stan
 
 def test_a_run_that_died_after_its_post_is_adopted_by_the_next(cli, swift_env, standin, images, tmp_path):
     """The document says `registering` (the POST went out, its answer was never recorded): look first."""
-
-    image = uploaded(cli, images, tmp_path)
-    meta = Path(f"{image}.json")
-    doc = json.loads(meta.read_text())
-    doc["library"] = {"api": "x", "status": "registering", "attempt_started": iso(datetime.now(UTC))}
-    meta.write_text(json.dumps(doc))
+    meta, doc = registering(cli, images, tmp_path)
     made = post_directly(standin, doc["registration"])
     result = cli("register", meta, "--json")
     assert result.code == 0, result.err
@@ -284,16 +279,21 @@ def test_a_run_that_died_after_its_post_is_adopted_by_the_next(cli, swift_env, s
 
 
 def test_an_image_that_differs_in_any_field_is_not_adopted(cli, swift_env, standin, images, tmp_path):
-    image = uploaded(cli, images, tmp_path)
-    meta = Path(f"{image}.json")
-    doc = json.loads(meta.read_text())
-    doc["library"] = {"api": "x", "status": "registering", "attempt_started": iso(datetime.now(UTC))}
-    meta.write_text(json.dumps(doc))
+    meta, doc = registering(cli, images, tmp_path)
     other = post_directly(standin, dict(doc["registration"], description="another document's image"))
     result = cli("register", meta, "--json")
     assert result.code == 0, result.err
     assert result.json["adopted"] is False and result.json["created"] is True
     assert result.json["image_id"] != other
+
+
+def registering(cli: Any, images: dict[str, Path], tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """An uploaded document as a run leaves it that died after its POST went out."""
+    meta = Path(f"{uploaded(cli, images, tmp_path)}.json")
+    doc = json.loads(meta.read_text())
+    doc["library"] = {"api": "x", "status": "registering", "attempt_started": iso(datetime.now(UTC))}
+    meta.write_text(json.dumps(doc))
+    return meta, doc
 
 
 def post_directly(standin: Any, body: dict[str, Any]) -> str:
