@@ -501,7 +501,7 @@ class StandinAPI:
                 raise _ImageFailed(
                     f"not a disk image: {size} bytes is not a whole number of 512-byte sectors"
                 )
-            virtual, _ = _qemu_img_info(path, fmt)
+            virtual = _qemu_img_info(path, fmt)
             actual = _data_bytes(path, fmt)
             if reject:
                 raise _ImageFailed("rejected by the stand-in's reject_download fault")
@@ -567,20 +567,25 @@ def _status_arg(name: str, value: object) -> int:
     return value
 
 
-def _qemu_img_info(path: Path, fmt: str) -> tuple[int, int]:
-    """Virtual size and allocated bytes of PATH read as FMT (never probed)."""
+def _qemu_img(verb: str, path: Path, fmt: str) -> object:
+    """`qemu-img VERB --output=json -f FMT PATH` (never probed), parsed; _ImageFailed if it fails."""
     try:
         proc = subprocess.run(
-            ["qemu-img", "info", "--output=json", "-f", fmt, str(path)],
+            ["qemu-img", verb, "--output=json", "-f", fmt, str(path)],
             capture_output=True,
             text=True,
             timeout=QEMU_IMG_TIMEOUT,
         )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise _ImageFailed(f"qemu-img info: {exc}") from None
-    if proc.returncode != 0:
-        raise _ImageFailed(f"qemu-img info -f {fmt}: {proc.stderr.strip()}")
-    info = json.loads(proc.stdout)
+        if proc.returncode != 0:
+            raise _ImageFailed(f"qemu-img {verb} -f {fmt}: {proc.stderr.strip()}")
+        return json.loads(proc.stdout)
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        raise _ImageFailed(f"qemu-img {verb}: {exc}") from None
+
+
+def _qemu_img_info(path: Path, fmt: str) -> int:
+    """The virtual size of PATH read as FMT; refuses what the library would."""
+    info = _qemu_img("info", path, fmt)
     if not isinstance(info, dict):
         raise _ImageFailed("qemu-img info gave no JSON object")
     if info.get("format") != fmt:
@@ -592,26 +597,16 @@ def _qemu_img_info(path: Path, fmt: str) -> tuple[int, int]:
     if isinstance(data, dict) and data.get("data-file"):
         raise _ImageFailed("the qcow2 has an external data file")
     virtual = info.get("virtual-size")
-    actual = info.get("actual-size", 0)
     if not isinstance(virtual, int) or virtual <= 0:
         raise _ImageFailed("not a disk image: no virtual size")
-    return virtual, actual if isinstance(actual, int) else 0
+    return virtual
 
 
 def _data_bytes(path: Path, fmt: str) -> int:
     """Guest bytes that hold data (qemu-img map: data and not zero): the library's "non-zero data"."""
-    try:
-        proc = subprocess.run(
-            ["qemu-img", "map", "--output=json", "-f", fmt, str(path)],
-            capture_output=True,
-            text=True,
-            timeout=QEMU_IMG_TIMEOUT,
-        )
-        extents = json.loads(proc.stdout) if proc.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
-        raise _ImageFailed(f"qemu-img map: {exc}") from None
+    extents = _qemu_img("map", path, fmt)
     if not isinstance(extents, list):
-        raise _ImageFailed(f"qemu-img map -f {fmt}: {proc.stderr.strip()}")
+        raise _ImageFailed("qemu-img map gave no JSON list")
     return sum(e["length"] for e in extents if e.get("data") and not e.get("zero"))
 
 
