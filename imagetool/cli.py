@@ -65,8 +65,8 @@ def _root(
 
 # What an interrupted command leaves on purpose (every other command leaves nothing).
 _LEFT_ON_PURPOSE = {
-    "upload": "segments already sent stay in Swift: a rerun resumes from them",
-    "publish": "finished steps are recorded and segments sent stay in Swift: a rerun continues",
+    "upload": "any segment already sent stays in Swift: a rerun resumes from it",
+    "publish": "finished steps are recorded and any segment sent stays in Swift: a rerun continues",
 }
 
 

@@ -7,16 +7,23 @@ truncation or utime moves the ctime, and its owner cannot set it back). The seal
 an HMAC with a key that only this user on this machine holds, says these
 checksums were computed by imagetool for that file: a document edited by hand,
 or copied from elsewhere, does not carry a valid seal and its file is read again.
+
+One writer escapes the times: a process that already has the file mapped and
+dirtied a page keeps writing to it without moving them. So a file is sealed, and
+a seal trusted, only while no process has it open for writing or mapped writable
+(a read lease, F_SETLEASE, is granted only then); any later writer must open or
+map it anew, and its first write moves the times.
 """
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import TypedDict
 
@@ -35,29 +42,58 @@ class Fingerprint(TypedDict):
 
 
 def _key_path() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    """XDG_STATE_HOME/imagetool/fingerprint.key; a relative XDG_STATE_HOME is ignored, as XDG says."""
+    state = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(state):
+        state = os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state) / "imagetool" / "fingerprint.key"
+
+
+def _read_key(path: Path) -> bytes | None:
+    """The key, only from a regular file of this user that nobody else can read (else no key)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        private = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+        data = os.read(fd, _KEY_BYTES + 1) if private and st.st_size == _KEY_BYTES else b""
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == _KEY_BYTES else None
 
 
 def _key(create: bool) -> bytes | None:
     """This user's sealing key (made on first use, mode 0600); None when it cannot be had."""
     path = _key_path()
-    with contextlib.suppress(OSError):
-        data = path.read_bytes()
-        if len(data) == _KEY_BYTES:
-            return data
-    if not create:
-        return None
+    key = _read_key(path)
+    if key is not None or not create:
+        return key
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except FileExistsError:  # another run made it first
-        return _key(create=False)
-    except OSError:
-        return None  # no writable home: no seal, and checkers simply hash
+    except OSError:  # made meanwhile by another run, or no writable home: no seal, checkers hash
+        return _read_key(path)
     with os.fdopen(fd, "wb") as f:
         f.write(secrets.token_bytes(_KEY_BYTES))
-    return _key(create=False)
+    return _read_key(path)
+
+
+def no_writer(fd: int) -> bool:
+    """Whether no process has the file open for writing or mapped writable, by a read lease.
+
+    The kernel grants a read lease only then; it is released at once. Where leases are
+    not to be had (another owner, a filesystem without them) the answer is no.
+    """
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError:
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return True
 
 
 def _seal(key: bytes, identity: Identity, sha256: str, md5: str) -> str:
@@ -66,9 +102,13 @@ def _seal(key: bytes, identity: Identity, sha256: str, md5: str) -> str:
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
-def sealed(identity: Identity, sha256: str, md5: str) -> Fingerprint | None:
-    """The fingerprint of the file these checksums were computed from, or None without a key."""
-    key = _key(create=True)
+def sealed(fd: int, identity: Identity, sha256: str, md5: str) -> Fingerprint | None:
+    """The fingerprint of the file these checksums were computed from, or None.
+
+    None without a key, or while a writer has the file open: the caller checks the same
+    before it hashes, so no writer was there from the start of the hashing to now.
+    """
+    key = _key(create=True) if no_writer(fd) else None
     if key is None:
         return None
     return {
@@ -81,14 +121,12 @@ def sealed(identity: Identity, sha256: str, md5: str) -> Fingerprint | None:
     }
 
 
-def vouches(recorded: object, identity: Identity, sha256: object, md5: object) -> bool:
-    """Whether a recorded fingerprint proves these checksums are this unchanged file's."""
+def vouches(recorded: object, fd: int, identity: Identity, sha256: object, md5: object) -> bool:
+    """Whether a recorded fingerprint proves these checksums are this unchanged, unwritten file's."""
     if not isinstance(recorded, dict) or not isinstance(sha256, str) or not isinstance(md5, str):
         return False
-    key = _key(create=False)
     seal = recorded.get("seal")
-    return (
-        key is not None
-        and isinstance(seal, str)
-        and hmac.compare_digest(seal, _seal(key, identity, sha256, md5))
-    )
+    if not isinstance(seal, str) or not no_writer(fd):
+        return False
+    key = _key(create=False)
+    return key is not None and hmac.compare_digest(seal, _seal(key, identity, sha256, md5))

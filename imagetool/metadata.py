@@ -40,7 +40,7 @@ from jsonschema import Draft202012Validator, ValidationError
 
 from imagetool import __version__, qemu
 from imagetool.errors import EnvironmentProblem, ImageRejected, Reason, UsageProblem
-from imagetool.fingerprint import Fingerprint, sealed, vouches
+from imagetool.fingerprint import Fingerprint, no_writer, sealed, vouches
 from imagetool.inspection import DEFAULT_MAX_VIRTUAL_SIZE, Report, inspect_source
 from imagetool.output import FileKey, check_target, write_file
 from imagetool.policy import MAX_JSON_DEPTH, MAX_METADATA_BYTES
@@ -174,6 +174,7 @@ class LibraryRecord(TypedDict, total=False):
     status: Required[str]  # `registering` until the API answered; then the API's status
     image_id: str
     attempt_started: str  # when a POST was first tried: a rerun looks for an image made since
+    known_images: list[str]  # the image ids there were before that POST: never adopted
     checked_at: str
     virtual_size_mib: int
     disk_size_mib: int
@@ -452,11 +453,12 @@ def image_facts(
     a fingerprint that vouches for them (fingerprint.py): the same file, unchanged since.
     """
     fmt, virtual, measured = _measured(report)
-    if recorded is not None and vouches(
-        recorded.get("fingerprint"), src.identity, recorded.get("sha256"), recorded.get("md5")
-    ):
-        sha256, md5 = recorded["sha256"], recorded["md5"]
+    image: ImageFacts | dict[str, Any] = recorded or {}
+    quiet = False  # sealed only when hashed here with no writer about
+    if vouches(image.get("fingerprint"), src.fd, src.identity, image.get("sha256"), image.get("md5")):
+        sha256, md5 = image["sha256"], image["md5"]
     else:
+        quiet = no_writer(src.fd)  # a writer that has it mapped may change it without moving its times
         sha256, md5 = checksums(src.fd)
     src.ensure_unchanged()  # the checksums describe a file only if nothing wrote to it meanwhile
     size = measured if disk_size is None else disk_size
@@ -476,7 +478,7 @@ def image_facts(
         "md5": md5,
         "official": False,
     }
-    if (sealed_print := sealed(src.identity, sha256, md5)) is not None:
+    if quiet and (sealed_print := sealed(src.fd, src.identity, sha256, md5)) is not None:
         facts["fingerprint"] = sealed_print
     return facts
 
@@ -536,19 +538,18 @@ def read_document(path: Path) -> MetadataDocument:
 
 
 @contextlib.contextmanager
-def exclusive(path: Path, doc: MetadataDocument) -> Iterator[None]:
+def exclusive(path: Path) -> Iterator[None]:
     """One upload/register per document at a time, or exit 5 `busy`.
 
-    The lock is an flock on something that is never renamed over: the image file
-    (never modified), or the document's directory when the image is not beside it.
-    The document itself would not do: every save replaces its inode.
+    An flock on a lock file beside the document (`.imagetool-lock-<hash of its name>`,
+    left in place: removing it would race). Not the document itself, whose inode every
+    save replaces, and not the image, which may be moved away meanwhile.
     """
-    image = path.parent / doc["image"]["file"]
-    target = image if image.is_file() and not image.is_symlink() else path.parent
+    lock = path.parent / f".imagetool-lock-{hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16]}"
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     except OSError as exc:
-        raise EnvironmentProblem(f"cannot lock: {exc.strerror}", path=str(target), code="io_error") from None
+        raise EnvironmentProblem(f"cannot lock: {exc.strerror}", path=str(lock), code="io_error") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

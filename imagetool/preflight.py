@@ -308,7 +308,7 @@ def _metadata_checks(read: _Read, src: Source, report: Report) -> tuple[list[Che
         matches = Check("metadata_matches", "fail", message, "metadata_mismatch")
         return [_schema_check([]), matches, registration], None
     image = doc["image"]
-    unread = vouches(image.get("fingerprint"), src.identity, image.get("sha256"), image.get("md5"))
+    unread = vouches(image.get("fingerprint"), src.fd, src.identity, image.get("sha256"), image.get("md5"))
     how = " (checksums recorded for this very file, unchanged since: not read again)" if unread else ""
     matches = Check("metadata_matches", "pass", f"checksums, sizes, name and format match this file{how}")
     checks = [_schema_check([]), matches, registration, *_upload_check(doc)]

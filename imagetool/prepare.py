@@ -96,25 +96,28 @@ def _may_replace(meta_path: Path) -> bool:
     return _abandoned(doc)
 
 
-def _refresh_fingerprint(image: ImageFacts, target: Path) -> None:
-    """Putting the qcow2 in place (link, rename) changed its ctime: seal the one it has now.
+def _seal_committed(image: ImageFacts, hashed: Identity | None, target: Path) -> None:
+    """Seal the committed qcow2's checksums, so that upload need not read it again.
 
-    Only when nothing else changed (same inode, size and mtime); otherwise no fingerprint,
-    and whoever checks the file reads it again.
+    They were computed from our own temp file while imagetool still held it open for
+    writing (so it could not be sealed then); putting it in place moved its ctime. It is
+    sealed now if it is the file that was hashed (same inode, size and mtime) and no
+    writer has it open; otherwise it gets no fingerprint and checkers read it again.
     """
-    recorded = image.pop("fingerprint", None)
+    if hashed is None:
+        return
     try:
-        now = Identity.of(os.stat(target, follow_symlinks=False))
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return
-    same = recorded is not None and (
-        recorded["device"],
-        recorded["inode"],
-        recorded["size"],
-        recorded["mtime_ns"],
-    ) == (now.device, now.inode, now.size, now.mtime_ns)
-    if same and (fresh := sealed(now, image["sha256"], image["md5"])) is not None:
-        image["fingerprint"] = fresh
+    try:
+        now = Identity.of(os.fstat(fd))
+        same = (hashed.device, hashed.inode, hashed.size, hashed.mtime_ns) == (
+            now.device, now.inode, now.size, now.mtime_ns)  # fmt: skip
+        if same and (fresh := sealed(fd, now, image["sha256"], image["md5"])) is not None:
+            image["fingerprint"] = fresh
+    finally:
+        os.close(fd)
 
 
 def _undo(
@@ -172,6 +175,7 @@ def prepare(
     last_write = [0.0]
     written = [False]
     exact: list[int | None] = [None]
+    hashed: list[Identity | None] = [None]
 
     def record(state: Status, fit: Fits | None = None) -> MetadataDocument:
         doc = document(reg, image, fit, state, checks)
@@ -202,6 +206,7 @@ def prepare(
         """Checksums and sizes of the finished qcow2, read before it is put in place."""
         nonlocal image
         image = image_facts(out, verified or inspect_source(out), disk_size=exact[0])
+        hashed[0] = out.identity  # unchanged through the hashing (image_facts made sure)
         if add_facts:
             add_facts(image)
 
@@ -223,7 +228,7 @@ def prepare(
             before_commit=measure,
         )
         checks.extend(["convert", "verify"] if verify else ["convert"])
-        _refresh_fingerprint(image, target)
+        _seal_committed(image, hashed[0], target)
         doc = record(status("available"), fits(image["virtual_size"], server_disk))
     except ImagetoolError as exc:
         _undo(result, target, record, written[0], Reason(exc.code, exc.message))

@@ -138,6 +138,7 @@ def check_object(path: Path, doc: MetadataDocument, secrets: Secrets) -> None:
     library register other bytes, or fail; both are said before the POST.
     """
     url, image = doc["registration"]["http_url"], doc["image"]
+    secrets.add(url.partition("temp_url_sig=")[2].partition("&")[0])  # a bearer link: not in errors
     assert "upload" in doc  # check_ready saw to it
     status, headers = head_url(url, secrets)
     if status != 200:
@@ -160,10 +161,12 @@ def check_object(path: Path, doc: MetadataDocument, secrets: Secrets) -> None:
 
 
 def _create(
-    client: Client, body: Mapping[str, Any], since: datetime, sleep: Callable[[float], None]
+    client: Client, body: Mapping[str, Any], since: datetime, known: set[str], sleep: Callable[[float], None]
 ) -> tuple[dict[str, Any], bool]:
-    """POST the body; after no answer, adopt what it made or try again. (image, adopted)."""
-    known = {str(image.get("id")) for image in client.images()}
+    """POST the body; after no answer, adopt what it made or try again. (image, adopted).
+
+    `known`: the images there were before the first POST, never adopted.
+    """
     for attempt in range(len(POST_WAITS) + 1):
         try:
             return client.create_image(body), False
@@ -196,7 +199,7 @@ def register(
     path = Path(metadata)
     doc = read_document(path)
     creds = credentials(os.environ if environ is None else environ)
-    with exclusive(path, doc):
+    with exclusive(path):
         doc = read_document(path)  # what it says now that no other run can change it
         try:
             return _register(path, doc, creds, wait, timeout, on_status, sleep)
@@ -229,14 +232,16 @@ def _register(
             check_object(path, doc, client.secrets)
             since = parse_iso(previous.get("attempt_started", "")) if previous else None
             if previous is not None and previous["status"] == "registering" and since is not None:
-                made = _adoptable(client, body, since, set())
+                # an earlier run's POST may have made it: only an image not there before that POST
+                made = _adoptable(client, body, since, set(previous.get("known_images", [])))
                 if len(made) == 1:
                     image, adopted = made[0], True
             if image is None:
+                known = sorted(str(found.get("id")) for found in client.images())
                 since = datetime.now(UTC)
-                _record(doc, client.host, None, attempt_started=iso(since))
+                _record(doc, client.host, None, attempt_started=iso(since), known_images=known)
                 save_document(path, doc, inputs=inputs)
-                image, adopted = _create(client, body, since, sleep)
+                image, adopted = _create(client, body, since, set(known), sleep)
                 created = not adopted
         _record(doc, client.host, image)
         save_document(path, doc, inputs=inputs)

@@ -200,26 +200,46 @@ def temp_url_key(conn: Any, container: str) -> str | None:
     return None
 
 
-def old_segments(conn: Any, container: str, obj: str) -> list[tuple[str, str]]:
-    """The (container, name) of each segment the object's manifest lists, if it is a large object."""
+def manifest(conn: Any, container: str, obj: str) -> list[dict[str, Any]] | None:
+    """The segments a Static Large Object lists ({container, name, hash, bytes}); None for another object."""
     import json
 
     try:
         headers = conn.head_object(container, obj)
     except Exception as exc:
         if getattr(exc, "http_status", None) == 404:
-            return []
+            return None
         raise
     if str(headers.get("x-static-large-object", "")).lower() != "true":
-        return []
+        return None
     _, body = conn.get_object(container, obj, query_string="multipart-manifest=get")
     found = []
     for item in json.loads(body):
         path = str(item.get("name", "")).lstrip("/")
         if "/" in path:
             segment_container, name = path.split("/", 1)
-            found.append((segment_container, name))
+            found.append({"container": segment_container, "name": name, "hash": item.get("hash"),
+                          "bytes": item.get("bytes")})  # fmt: skip
     return found
+
+
+def intact(conn: Any, segments: list[dict[str, Any]]) -> bool:
+    """Whether every segment a manifest lists is still stored, with its size and md5.
+
+    A HEAD of the large object itself does not look at its segments: one deleted since
+    makes every download fail (409) while the HEAD still answers 200.
+    """
+    for segment in segments:
+        try:
+            headers = conn.head_object(segment["container"], segment["name"])
+        except Exception as exc:
+            if getattr(exc, "http_status", None) == 404:
+                return False
+            raise
+        stored = (str(headers.get("etag", "")).strip('"'), int(headers.get("content-length", -1)))
+        if stored != (segment["hash"], segment["bytes"]):
+            return False
+    return True
 
 
 def set_temp_url_key(conn: Any) -> str:
@@ -278,13 +298,13 @@ def check_container_name(name: str, option: str = "--container") -> str:
 def check_object_name(name: str, what: str = "--object") -> str:
     """Swift's rules for an object name; `what` names where it came from (an option, a file name).
 
-    A `.` or `..` path segment is refused: HTTP clients and proxies collapse them, so
-    the object would land in another container (the read-only `images` one included).
+    An empty, `.` or `..` path segment is refused: HTTP clients and proxies collapse them,
+    so the object would land elsewhere (another container, the read-only `images` one too).
     """
     if not name or len(name.encode("utf-8", "surrogateescape")) > 1024:
         raise UsageProblem(f"{what} must be 1-1024 bytes as an object name", code="bad_object")
-    if any(part in (".", "..") for part in name.split("/")):
-        raise UsageProblem(f"{what} {name!r} has a . or .. path segment", code="bad_object")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise UsageProblem(f"{what} {name!r} has an empty, . or .. path segment", code="bad_object")
     _check_text(name, what, "bad_object")
     return name
 

@@ -218,7 +218,7 @@ def _segment_size(size: int, opts: Options, cluster: swift.Cluster, obj: str) ->
     limit = min(opts.segment_size, cluster.max_file_size)
     if size <= limit:
         return None
-    longest = len((_prefix(obj, "0" * 64, size, limit) + "00000000").encode())
+    longest = len((_prefix(opts.container, obj, "0" * 64, size, limit) + "00000000").encode())
     if longest > 1024:
         raise UsageProblem(
             f"the object name is too long for a segmented upload (segment names would be {longest} "
@@ -342,15 +342,16 @@ def _stored_segments(conn: Any, container: str, prefix: str) -> dict[str, tuple[
     return {item["name"]: (int(item["bytes"]), str(item["hash"])) for item in listing}
 
 
-def _remove_replaced_segments(conn: Any, old: list[tuple[str, str]], obj: str, keep: set[str]) -> int:
+def _remove_replaced_segments(conn: Any, old: list[tuple[str, str]], owned: str, keep: set[str]) -> int:
     """Delete the segments of the large object this upload replaced (storage the account pays for).
 
-    Only segments its own manifest listed, named the way imagetool names them for
-    this object, and not part of the new object: nothing another object uses.
+    Only segments its own manifest listed, named the way imagetool names them for this
+    container's object (`owned`, the container is in the name, so a segment container
+    shared between containers never mixes them), and not part of the new object.
     """
     removed = 0
     for segment_container, name in old:
-        if not name.startswith(f"{obj}/slo/") or name in keep:
+        if not name.startswith(owned) or name in keep:
             continue
         try:
             conn.delete_object(segment_container, name)
@@ -368,7 +369,7 @@ def _already_there(
 
     The object must carry this image's sha256 (imagetool sets X-Object-Meta-Sha256 on
     what it uploads), its size, and the ETag on record; one piece must also have the
-    image's md5, which Swift computed itself.
+    image's md5, which Swift computed itself; a large object, every segment it lists.
     """
     previous, image = doc.get("upload"), doc["image"]
     if previous is None or (previous["container"], previous["object"]) != (container, obj):
@@ -384,8 +385,12 @@ def _already_there(
         headers.get("x-object-meta-sha256") == image["sha256"]
         and int(headers.get("content-length", -1)) == size
     )
-    one_piece = previous["segments"] == 0
-    return previous if same and etag == previous["etag"] and (not one_piece or etag == image["md5"]) else None
+    if not same or etag != previous["etag"]:
+        return None
+    if previous["segments"] == 0:
+        return previous if etag == image["md5"] else None
+    listed = swift.manifest(conn, container, obj)
+    return previous if listed is not None and swift.intact(conn, listed) else None
 
 
 def _confirm(conn: Any, container: str, obj: str, size: int, etag: str) -> None:
@@ -489,7 +494,7 @@ def upload(
     shake = _Handshake.start(creds, opts.retries, opts.container)
     # Opened before preflight reads it: the identity taken here covers preflight's checksums,
     # so a write between the check and the upload is caught (ensure_unchanged), never sent.
-    with open_source(image) as src, exclusive(meta, read_document(meta)):
+    with open_source(image) as src, exclusive(meta):
         _refuse_what_preflight_fails(image, meta)
         src.ensure_unchanged()
         doc = read_document(meta)  # as preflight validated it, and no other run can change it now
@@ -561,7 +566,7 @@ def _upload(
             etag, count = previous["etag"], previous["segments"]
             run.done.add(size)
         else:
-            old = swift.old_segments(conn, container, obj)
+            old = [(seg["container"], seg["name"]) for seg in swift.manifest(conn, container, obj) or []]
             if seg_size is None:
                 _put_whole(run, conn, container, obj, size, md5, sha256, tick)
                 etag, count, sent = md5, 0, 1
@@ -571,8 +576,12 @@ def _upload(
                 )
             src.ensure_unchanged()
             _confirm(conn, container, obj, size, etag)
-            plan = segments(size, seg_size, _prefix(obj, sha256, size, seg_size)) if seg_size else []
-            removed = _remove_replaced_segments(conn, old, obj, {seg.name for seg in plan})
+            plan = (
+                segments(size, seg_size, _prefix(container, obj, sha256, size, seg_size)) if seg_size else []
+            )
+            removed = _remove_replaced_segments(
+                conn, old, f"{container}/{obj}/slo/", {seg.name for seg in plan}
+            )
         tick()
         url = swift.sign(conn.url, container, obj, key, int(expires.timestamp()), cluster.digest)
     if opts.verify_download:
@@ -622,9 +631,13 @@ def _put_whole(
     _in_parallel(run, [put], 1, tick)
 
 
-def _prefix(obj: str, sha256: str, size: int, seg_size: int) -> str:
-    """Where this image's segments live: its sha256 in the name, so no other image's match."""
-    return f"{obj}/slo/{sha256[:16]}/{size}/{seg_size}/"
+def _prefix(container: str, obj: str, sha256: str, size: int, seg_size: int) -> str:
+    """Where this image's segments live: the object's container and name, and the image's sha256.
+
+    No other object's segments (even in a segment container shared between containers)
+    and no other image's ever share a name with them.
+    """
+    return f"{container}/{obj}/slo/{sha256[:16]}/{size}/{seg_size}/"
 
 
 def _upload_segments(
@@ -640,7 +653,7 @@ def _upload_segments(
     tick: Callable[[], None],
 ) -> tuple[str, int, int, int]:
     """Segments (resuming an earlier run's), then the manifest; (etag, segments, sent, kept)."""
-    prefix = _prefix(obj, sha256, src.size, seg_size)
+    prefix = _prefix(container, obj, sha256, src.size, seg_size)
     conn.put_container(seg_container)
     stored = _stored_segments(conn, seg_container, prefix)
     plan = segments(src.size, seg_size, prefix)

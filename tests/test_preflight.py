@@ -203,3 +203,55 @@ def test_checksums_of_an_unchanged_prepared_file_are_not_read_again(cli, tmp_pat
     os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
     code, message = matches()
     assert code == 3 and "sha256" in message
+
+
+def test_a_file_mapped_for_writing_is_never_sealed_nor_trusted(cli, tmp_path):
+    """A writer with the file mapped changes it without moving its times: leases tell it is there."""
+    import mmap
+
+    raw = tmp_path / "m.raw"
+    shutil.copyfile(SAMPLE, raw)
+    reg = ("--name", "m", "--arch", "x86_64", "--username", "u")
+    with raw.open("r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
+        mapped[1 << 20] = 0x41  # the first write moves the times; later ones to this page do not
+        assert cli("metadata", raw, *reg, "--json").code == 0
+        assert "fingerprint" not in json.loads((tmp_path / "m.raw.json").read_text())["image"]
+        mapped[(1 << 20) + 1] = 0x42
+        result = cli("preflight", raw, "--metadata", f"{raw}.json", "--no-guest", "--json")
+    assert result.code == 3 and "sha256:" in result.out  # read again: the change is seen
+    assert cli("metadata", raw, *reg, "--force", "--json").code == 0  # no writer now: sealed
+    assert "seal" in json.loads((tmp_path / "m.raw.json").read_text())["image"]["fingerprint"]
+    with raw.open("r+b"):  # a writer merely holding it open: not trusted while it does
+        result = cli("preflight", raw, "--metadata", f"{raw}.json", "--no-guest", "--json")
+    assert result.code == 0 and "not read again" not in result.out
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "readable_by_others", "relative_state_home"])
+def test_a_sealing_key_that_is_not_private_is_not_used(cli, tmp_path, monkeypatch, kind):
+    """A FIFO must not hang it, /dev/zero must not fill memory, a key others can read forges seals."""
+    state = tmp_path / "state"
+    key = state / "imagetool" / "fingerprint.key"
+    key.parent.mkdir(parents=True)
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    if kind == "fifo":
+        os.mkfifo(key)
+    elif kind == "dev_zero":
+        key.symlink_to("/dev/zero")
+    elif kind == "readable_by_others":
+        key.write_bytes(os.urandom(32))
+        key.chmod(0o644)
+    else:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("XDG_STATE_HOME", "state")  # relative: ignored, as XDG says
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        key.write_bytes(os.urandom(32))
+        key.chmod(0o600)
+    raw = tmp_path / "k.raw"
+    shutil.copyfile(SAMPLE, raw)
+    result = cli("metadata", raw, "--name", "k", "--arch", "x86_64", "--username", "u", "--json")
+    assert result.code == 0, result.err
+    fingerprint = result.json["image"].get("fingerprint")
+    if kind == "relative_state_home":  # sealed, but with a key under HOME, not the relative one
+        assert fingerprint is not None and (tmp_path / "home" / ".local" / "state" / "imagetool").is_dir()
+    else:
+        assert fingerprint is None

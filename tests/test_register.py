@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import sparse_raw
-from test_upload import all_text, container, copy_of, doc_of
+from test_upload import all_text, container, copy_of, doc_of, held_lock
 
 from imagetool import library, register
 from imagetool.durations import iso
@@ -330,20 +330,16 @@ def test_an_object_replaced_since_the_upload_is_not_registered(cli, swift_env, s
     assert standin.state()["post_images_requests"] == 0
 
 
-def test_register_without_the_image_beside_it_locks_the_directory(cli, swift_env, standin, images, tmp_path):
-    import fcntl
-    import os as os_
-
+def test_register_is_busy_while_another_run_holds_the_document_even_with_the_image_moved(
+    cli, swift_env, standin, images, tmp_path
+):
     image = uploaded(cli, images, tmp_path)
-    image.unlink()  # register needs only the document
-    fd = os_.open(tmp_path, os_.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with held_lock(Path(f"{image}.json")):
+        image.rename(tmp_path / "moved.qcow2")  # the lock is the document's, not the image's
         result = cli("register", f"{image}.json", "--json")
-    finally:
-        os_.close(fd)
     assert result.code == 5 and result.json["error"]["code"] == "busy"
-    assert cli("register", f"{image}.json", "--json").code == 0
+    assert standin.state()["post_images_requests"] == 0
+    assert cli("register", f"{image}.json", "--json").code == 0  # register needs only the document
 
 
 def test_publish_rerun_with_another_object_name_uploads_again(cli, swift_env, standin, tmp_path):
@@ -357,3 +353,14 @@ def test_publish_rerun_with_another_object_name_uploads_again(cli, swift_env, st
     assert again.code == 0, again.err
     assert again.json["steps"]["upload"] == "done"
     assert json.loads((tmp_path / "web.qcow2.json").read_text())["upload"]["object"] == "renamed.qcow2"
+
+
+def test_an_image_that_was_there_before_the_post_is_never_adopted(cli, swift_env, standin, images, tmp_path):
+    """Another document registered the same body earlier: a run that died after its POST must not take it."""
+    meta, doc = registering(cli, images, tmp_path)
+    earlier = post_directly(standin, doc["registration"])
+    doc["library"]["known_images"] = [earlier]  # what register records before its POST
+    meta.write_text(json.dumps(doc))
+    result = cli("register", meta, "--json")
+    assert result.code == 0, result.err
+    assert result.json["adopted"] is False and result.json["image_id"] != earlier

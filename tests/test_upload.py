@@ -317,7 +317,9 @@ def test_an_unfinished_document_is_refused(cli, swift_env, images, tmp_path):
         (("-c", "ok", "--object", "."), "bad_object"),
         (("-c", "ok", "--object", "a/../../images/x"), "bad_object"),
         (("-c", ".."), "bad_container"),
-        (("-c", "ok", "--object", "a\u202eb"), "bad_object"),  # bidi override: not text for the document
+        (("-c", "ok", "--object", "a\u202eb"), "bad_object"),
+        (("-c", "ok", "--object", "/x"), "bad_object"),  # an empty path segment: proxies collapse it
+        (("-c", "ok", "--object", "a//x"), "bad_object"),  # bidi override: not text for the document
         (("-c", "ok", "--threads", "0"), "bad_threads"),
         (("-c", "ok", "--segment-size", "1K"), "bad_segment_size"),
         (("-c", "ok", "--object", "a\x1bb"), "bad_object"),
@@ -409,12 +411,20 @@ def test_upload_keeps_what_register_recorded(cli, swift_env, images, tmp_path):
     assert json.loads(meta.read_text())["library"]["image_id"] == "img-abcde"
 
 
-def test_a_second_run_on_the_same_image_is_told_busy(cli, swift_env, images, tmp_path):
+def held_lock(meta: Path) -> Any:
+    """The lock a running upload or register holds on a document, taken here (close to release)."""
     import fcntl
+    import hashlib
 
+    name = hashlib.sha256(os.fsencode(meta.name)).hexdigest()[:16]
+    held = (meta.parent / f".imagetool-lock-{name}").open("a")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    return held
+
+
+def test_a_second_run_on_the_same_image_is_told_busy(cli, swift_env, images, tmp_path):
     image = copy_of(images, "small", tmp_path)
-    with image.open("rb") as held:  # what a running upload or register holds
-        fcntl.flock(held, fcntl.LOCK_EX)
+    with held_lock(Path(f"{image}.json")):
         result = cli("upload", image, "-c", container(), "--set-temp-url-key", "--json")
     assert result.code == 5 and result.json["error"]["code"] == "busy"
     assert "upload" not in doc_of(image)
@@ -450,3 +460,35 @@ def test_an_object_name_too_long_for_segments_is_refused_before_sending(
     result = cli("upload", image, "-c", c, "--object", "x" * 1000, "--set-temp-url-key", "--json")
     assert result.code == 2 and result.json["error"]["code"] == "bad_object"
     assert swift_request(swift_cluster, "HEAD", f"/{c}")[0] == 404
+
+
+def test_the_same_object_name_in_two_containers_sharing_segments_stays_whole(
+    cli, swift_env, images, tmp_path
+):
+    big, small = copy_of(images, "big", tmp_path), copy_of(images, "small", tmp_path)
+    shared, c3, c4 = container(), container(), container()
+    seg = ("--object", "x", "--segment-container", shared, "--segment-size", "4M")
+    first = cli("upload", big, "-c", c3, *seg, "--set-temp-url-key", "--json")
+    assert first.code == 0, first.err
+    other_doc = tmp_path / "other.json"
+    shutil.copyfile(f"{big}.json", other_doc)
+    second = cli("upload", big, "--metadata", other_doc, "-c", c4, *seg, "--json")
+    assert second.code == 0 and second.json["kept_segments"] == 0  # c4's segments are its own
+    third = cli("upload", small, "-c", c4, *seg, "--json")  # c4/x replaced by another image
+    assert third.code == 0 and third.json["removed_segments"] == second.json["record"]["segments"]
+    assert fetch(first.json["url"])[1] == big.read_bytes()  # c3/x untouched
+
+
+def test_a_large_object_whose_segments_are_gone_is_sent_again(
+    cli, swift_env, swift_cluster, images, tmp_path
+):
+    image = copy_of(images, "big", tmp_path)
+    c = container()
+    first = cli("upload", image, "-c", c, "--segment-size", "4M", "--set-temp-url-key", "--json")
+    assert first.code == 0, first.err
+    victim = listing(swift_cluster, f"{c}_segments")[0]["name"]
+    assert swift_request(swift_cluster, "DELETE", f"/{c}_segments/{urllib.request.quote(victim)}")[0] == 204
+    again = cli("upload", image, "-c", c, "--segment-size", "4M", "--json")
+    assert again.code == 0, again.err
+    assert again.json["reused"] is False and again.json["sent_segments"] == 1  # only the lost one
+    assert fetch(again.json["url"])[1] == image.read_bytes()
