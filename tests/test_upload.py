@@ -148,7 +148,7 @@ def test_tampered_or_expired_url_is_refused_by_swift(cli, swift_env, images, tmp
 
     monkeypatch.setattr(upload, "SHORTEST_EXPIRY", timedelta(0))  # a URL that expires while we watch
     image = copy_of(images, "small", tmp_path)
-    result = cli("upload", image, "-c", container(), "--expires", "2s", "--set-temp-url-key", "--json")
+    result = cli("upload", image, "-c", container(), "--expires", "1s", "--set-temp-url-key", "--json")
     assert result.code == 0, result.err
     url = result.json["url"]
     signature = url.split("temp_url_sig=")[1].split("&")[0]
