@@ -259,6 +259,10 @@ def upload_text(result: UploadResult) -> str:
     ]
     if result.temp_url_key_set:
         lines.append("  temp-URL key   the account had none: a random one was set (never shown)")
+    lines += [
+        f"next, register it: imagetool register {clean(result.metadata)} --wait",
+        f"  (or: {clean(result.register_command)})",
+    ]
     return "\n".join(lines)
 
 

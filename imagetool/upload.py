@@ -17,6 +17,7 @@ chunks in flight: `threads` x 1 MiB, whatever the image size.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -104,6 +105,7 @@ class UploadResult:
     removed_segments: int  # segments of earlier uploads of this object name, deleted
     reused: bool  # the object was already there, identical: only the URL was signed anew
     temp_url_key_set: bool
+    register_command: str  # the brightbox CLI's line, complete: the signed URL in it
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -142,14 +144,26 @@ class _Body:
     """One byte range of the image as a request body: big preads, md5 as it goes, stoppable.
 
     swiftclient calls `reset()` before it retries a request; `sent` sees every byte
-    (negative on a reset) so progress stays true.
+    (negative on a reset) so progress stays true. `head_start`: an md5 of the range's
+    first bytes, hashed while preflight ran (_Prehasher); those bytes are not hashed
+    again, and if they changed since, Swift's md5 of what it got tells.
     """
 
-    def __init__(self, fd: int, offset: int, length: int, stop: threading.Event, sent: Callable[[int], None]):
-        self.fd, self.offset, self.length = fd, offset, length
+    def __init__(
+        self,
+        fd: int,
+        offset: int,
+        length: int,
+        stop: threading.Event,
+        sent: Callable[[int], None],
+        head_start: tuple[Any, int] | None = None,
+        hashing: bool = True,
+    ):
+        self.fd, self.offset, self.length, self.hashing = fd, offset, length, hashing
         self.stop, self.sent = stop, sent
+        self.head_start = head_start or (hashlib.md5(usedforsecurity=False), 0)
         self.position = 0
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.md5 = self.head_start[0].copy()
 
     def __len__(self) -> int:
         return self.length
@@ -163,7 +177,9 @@ class _Body:
         data = os.pread(self.fd, want, self.offset + self.position)
         if len(data) != want:
             raise EnvironmentProblem("the image shrank while it was being uploaded", code="input_changed")
-        self.md5.update(data)
+        hashed = self.head_start[1] - self.position  # bytes of this chunk the head start covers
+        if self.hashing:
+            self.md5.update(data[hashed:] if hashed > 0 else data)
         self.position += want
         self.sent(want)
         return data
@@ -171,17 +187,58 @@ class _Body:
     def reset(self, *_: object, **__: object) -> None:
         self.sent(-self.position)
         self.position = 0
-        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.md5 = self.head_start[0].copy()
 
     def hexdigest(self) -> str:
-        return self.md5.hexdigest()
+        return str(self.md5.hexdigest())
 
 
-def _md5_of(fd: int, offset: int, length: int, stop: threading.Event) -> str:
-    body = _Body(fd, offset, length, stop, lambda _: None)
+def _md5_of(
+    fd: int, offset: int, length: int, stop: threading.Event, head_start: tuple[Any, int] | None
+) -> str:
+    body = _Body(fd, offset, length, stop, lambda _: None, head_start)
     while body.read():
         pass
     return body.hexdigest()
+
+
+class _Prehasher:
+    """md5s the first segments while preflight checks the image: work for the core it leaves idle.
+
+    Reading and hashing are not sending: nothing leaves before the checks pass. It walks
+    the image from the start in the segment size asked for; `take()` hands a segment's
+    head start over (or None when the real plan cut the image otherwise).
+    """
+
+    def __init__(self, fd: int, size: int, segment_size: int) -> None:
+        self.fd, self.size, self.segment_size = fd, size, segment_size
+        self.halt = threading.Event()
+        self.progress: dict[int, tuple[Any, int]] = {}
+        self.thread = threading.Thread(target=self._walk, daemon=True)
+        if size > segment_size:  # one piece is checked by Swift against the document's md5
+            self.thread.start()
+
+    def _walk(self) -> None:
+        with contextlib.suppress(OSError):
+            for index, start in enumerate(range(0, self.size, self.segment_size)):
+                md5, end = hashlib.md5(usedforsecurity=False), min(start + self.segment_size, self.size)
+                for at in range(start, end, _CHUNK):
+                    if self.halt.is_set():
+                        return
+                    md5.update(os.pread(self.fd, min(_CHUNK, end - at), at))
+                    self.progress[index] = (md5, min(at + _CHUNK, end) - start)
+
+    def stop(self) -> None:
+        self.halt.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def take(self, seg: Segment) -> tuple[Any, int] | None:
+        """The head start of `seg` (after stop()), if the walk cut the image the same way."""
+        if seg.offset != seg.index * self.segment_size or seg.length > self.segment_size:
+            return None
+        found = self.progress.get(seg.index)
+        return (found[0].copy(), found[1]) if found else None
 
 
 class _Counter:
@@ -256,6 +313,7 @@ class _Run:
     local: threading.local
 
     first: Any = None  # the main thread's connection: the others start with its token
+    prehashed: _Prehasher | None = None
 
     def connection(self) -> Any:
         conn = getattr(self.local, "conn", None)
@@ -269,12 +327,13 @@ def _put_segment(
     run: _Run, container: str, seg: Segment, stored: Mapping[str, tuple[int, str]]
 ) -> tuple[str, bool]:
     """Send one segment unless an earlier run stored it with the same md5; (md5, sent)."""
+    head_start = run.prehashed.take(seg) if run.prehashed is not None else None
     if stored.get(seg.name, (None, None))[0] == seg.length:
-        local = _md5_of(run.fd, seg.offset, seg.length, run.stop)
+        local = _md5_of(run.fd, seg.offset, seg.length, run.stop, head_start)
         if local == stored[seg.name][1]:
             run.done.add(seg.length)
             return local, False
-    body = _Body(run.fd, seg.offset, seg.length, run.stop, run.done.add)
+    body = _Body(run.fd, seg.offset, seg.length, run.stop, run.done.add, head_start)
     etag = run.connection().put_object(
         container, seg.name, body, content_length=seg.length, content_type="application/octet-stream"
     )
@@ -495,14 +554,17 @@ def upload(
     # Opened before preflight reads it: the identity taken here covers preflight's checksums,
     # so a write between the check and the upload is caught (ensure_unchanged), never sent.
     with open_source(image) as src, exclusive(meta):
-        _refuse_what_preflight_fails(image, meta)
-        src.ensure_unchanged()
-        doc = read_document(meta)  # as preflight validated it, and no other run can change it now
+        prehasher = _Prehasher(src.fd, src.size, opts.segment_size)
         try:
-            return _upload(src, meta, doc, opts, creds, shake, on_progress)
+            _refuse_what_preflight_fails(image, meta)
+            src.ensure_unchanged()
+            doc = read_document(meta)  # as preflight validated it, and no other run can change it now
+            return _upload(src, meta, doc, opts, creds, shake, prehasher, on_progress)
         except ImagetoolError as exc:
             exc.path = exc.path or image  # every failure names the image it was about
             raise
+        finally:
+            prehasher.stop()
 
 
 def object_name(opts: Options, image: str) -> str:
@@ -523,6 +585,7 @@ def _upload(
     opts: Options,
     creds: swift.Credentials,
     shake: _Handshake,
+    prehasher: _Prehasher,
     on_progress: Callback | None,
 ) -> UploadResult:
     facts = doc["image"]
@@ -540,7 +603,8 @@ def _upload(
             on_progress(Progress(run.done.value, size, time.monotonic() - started, run.done.value))
 
     conn, cluster, key = shake.result()
-    run.first = run.local.conn = conn
+    prehasher.stop()  # what it hashed by now is handed to the segments that start with it
+    run.first, run.local.conn, run.prehashed = conn, conn, prehasher
     with swift.translated(secrets, "contacting Swift"):
         if cluster.digest is None:
             raise EnvironmentProblem(
@@ -615,14 +679,18 @@ def _upload(
         removed_segments=removed,
         reused=reused,
         temp_url_key_set=key_set,
+        register_command=doc["register_command"],
     )
 
 
 def _put_whole(
     run: _Run, conn: Any, container: str, obj: str, size: int, md5: str, sha256: str, tick: Callable[[], None]
 ) -> None:
-    """One PUT with the image's md5 as ETag: Swift refuses (422) bytes that do not match it."""
-    body = _Body(run.fd, 0, size, run.stop, run.done.add)
+    """One PUT with the image's md5 as ETag: Swift refuses (422) bytes that do not match it.
+
+    So the body is not hashed here: Swift's check of the document's md5 is the stronger one.
+    """
+    body = _Body(run.fd, 0, size, run.stop, run.done.add, hashing=False)
     headers = {"X-Object-Meta-Sha256": sha256}
     put = functools.partial(
         conn.put_object, container, obj, body, content_length=size, etag=md5, headers=headers,

@@ -105,6 +105,7 @@ def test_one_piece_upload_signs_a_url_that_returns_exactly_the_image(
     assert doc["upload"]["etag"] == doc["image"]["md5"]  # one piece: Swift's ETag is the file's md5
     assert doc["upload"]["digest"] == "sha512"  # the strongest digest the cluster's /info allows
     assert "--url " + f"'{url}'" in doc["register_command"] and "ACCOUNT" not in doc["register_command"]
+    assert out["register_command"] == doc["register_command"]  # printed complete, runnable
     checked = cli("preflight", image, "--metadata", f"{image}.json", "--no-guest", "--json")
     assert (
         checked.code == 0 and {c["name"]: c["status"] for c in checked.json["checks"]}["upload_url"] == "pass"
