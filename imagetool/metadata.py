@@ -28,11 +28,10 @@ import json
 import os
 import re
 import shlex
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Required, TypedDict, cast
 
@@ -46,6 +45,8 @@ from imagetool.output import FileKey, check_target, write_file
 from imagetool.policy import MAX_JSON_DEPTH, MAX_METADATA_BYTES
 from imagetool.sizes import to_mib
 from imagetool.source import Source, open_source, read_small_file
+from imagetool.text import metadata_schema as schema
+from imagetool.text import unsafe_character
 
 SCHEMA = "imagetool.metadata/1"
 State = Literal["creating", "available", "failed"]
@@ -196,30 +197,11 @@ class MetadataDocument(TypedDict, total=False):
 
 
 @functools.cache
-def schema() -> Mapping[str, Any]:
-    """The published JSON Schema (parsed once; do not modify it)."""
-    text = resources.files("imagetool").joinpath("schemas/metadata.schema.json").read_text()
-    return cast(dict[str, Any], json.loads(text))
-
-
-@functools.cache
 def _validator(definition: str | None = None) -> Draft202012Validator:
     """A validator for the whole document, or for one of its `$defs` (e.g. `registration`)."""
     root = schema()
     target = root if definition is None else {"$defs": root["$defs"], "$ref": f"#/$defs/{definition}"}
     return Draft202012Validator(target)
-
-
-@functools.cache
-def _unsafe_text() -> re.Pattern[str]:
-    """The characters the schema's `text` refuses: controls, ESC, bidi marks, undecodable bytes."""
-    return re.compile(schema()["$defs"]["text"]["not"]["pattern"])
-
-
-def unsafe_character(text: str) -> str | None:
-    """The first character of `text` that must not reach a terminal raw, if any."""
-    found = _unsafe_text().search(text)
-    return found.group() if found else None
 
 
 def _short(text: str) -> str:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from imagetool.errors import ImagetoolError, Reason
 from imagetool.sizes import human
+from imagetool.text import unsafe
 
 if TYPE_CHECKING:  # rendering must not import the operations it renders (start-up time)
     from imagetool.convert import ConvertResult
@@ -25,9 +26,6 @@ ERROR_SCHEMA = "imagetool.error/1"
 
 
 _emitted = False
-# What must never reach a terminal raw: C0/C1 controls (ESC sequences), DEL, bidi
-# overrides and isolates, and the stand-ins for undecodable bytes of a file name.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -40,7 +38,7 @@ def _escape(match: re.Match[str]) -> str:
 
 def clean(text: str) -> str:
     """`text` with every control, bidi or undecodable character shown as an escape."""
-    return _UNSAFE.sub(_escape, text)
+    return unsafe().sub(_escape, text)
 
 
 def _write(stream: Any, text: str) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from imagetool import swift
@@ -41,19 +41,14 @@ from imagetool.errors import (
     UsageProblem,
     VerifyFailed,
 )
-from imagetool.metadata import (
-    MetadataDocument,
-    UploadRecord,
-    default_metadata_path,
-    exclusive,
-    read_document,
-    save_document,
-    unsafe_character,
-)
 from imagetool.policy import URL_MARGIN_SECONDS
 from imagetool.progress import Callback, Progress
 from imagetool.sizes import parse_size
 from imagetool.source import Source, open_source
+from imagetool.text import unsafe_character
+
+if TYPE_CHECKING:  # metadata (jsonschema, the inspector) is imported once the image is open: see upload()
+    from imagetool.metadata import MetadataDocument, UploadRecord
 
 SCHEMA = "imagetool.upload/1"
 DEFAULT_EXPIRES = "2d"  # outlasts an asynchronous registration
@@ -206,12 +201,13 @@ class _Prehasher:
     """md5s the first segments while preflight checks the image: work for the core it leaves idle.
 
     Reading and hashing are not sending: nothing leaves before the checks pass. It walks
-    the image from the start in the segment size asked for; `take()` hands a segment's
-    head start over (or None when the real plan cut the image otherwise).
+    the segments that will be sent first (one per upload thread) a megabyte of each in
+    turn, since they go out side by side; `take()` hands a segment's head start over
+    (or None when the real plan cut the image otherwise).
     """
 
-    def __init__(self, fd: int, size: int, segment_size: int) -> None:
-        self.fd, self.size, self.segment_size = fd, size, segment_size
+    def __init__(self, fd: int, size: int, segment_size: int, threads: int) -> None:
+        self.fd, self.size, self.segment_size, self.threads = fd, size, segment_size, threads
         self.halt = threading.Event()
         self.progress: dict[int, tuple[Any, int]] = {}
         self.thread = threading.Thread(target=self._walk, daemon=True)
@@ -219,14 +215,22 @@ class _Prehasher:
             self.thread.start()
 
     def _walk(self) -> None:
+        starts = list(range(0, self.size, self.segment_size))
         with contextlib.suppress(OSError):
-            for index, start in enumerate(range(0, self.size, self.segment_size)):
-                md5, end = hashlib.md5(usedforsecurity=False), min(start + self.segment_size, self.size)
-                for at in range(start, end, _CHUNK):
-                    if self.halt.is_set():
-                        return
-                    md5.update(os.pread(self.fd, min(_CHUNK, end - at), at))
-                    self.progress[index] = (md5, min(at + _CHUNK, end) - start)
+            for first in range(0, len(starts), self.threads):
+                batch = range(first, min(first + self.threads, len(starts)))
+                for index in batch:
+                    self.progress[index] = (hashlib.md5(usedforsecurity=False), 0)
+                for done in range(0, self.segment_size, _CHUNK):
+                    for index in batch:
+                        length = min(self.segment_size, self.size - starts[index])
+                        if done >= length:
+                            continue
+                        if self.halt.is_set():
+                            return
+                        md5 = self.progress[index][0]
+                        md5.update(os.pread(self.fd, min(_CHUNK, length - done), starts[index] + done))
+                        self.progress[index] = (md5, min(done + _CHUNK, length))
 
     def stop(self) -> None:
         self.halt.set()
@@ -548,23 +552,41 @@ def upload(
 ) -> UploadResult:
     """Check, send, confirm, sign and record; see the module docstring."""
     check_options(opts)
-    meta = Path(metadata) if metadata is not None else default_metadata_path(image)
     creds = swift.credentials(os.environ if environ is None else environ)
     shake = _Handshake.start(creds, opts.retries, opts.container)
     # Opened before preflight reads it: the identity taken here covers preflight's checksums,
     # so a write between the check and the upload is caught (ensure_unchanged), never sent.
-    with open_source(image) as src, exclusive(meta):
-        prehasher = _Prehasher(src.fd, src.size, opts.segment_size)
+    with open_source(image) as src:
+        prehasher = _Prehasher(src.fd, src.size, opts.segment_size, opts.threads)
         try:
-            _refuse_what_preflight_fails(image, meta)
-            src.ensure_unchanged()
-            doc = read_document(meta)  # as preflight validated it, and no other run can change it now
-            return _upload(src, meta, doc, opts, creds, shake, prehasher, on_progress)
+            from imagetool.metadata import default_metadata_path, exclusive  # while the prehasher hashes
+
+            meta = Path(metadata) if metadata is not None else default_metadata_path(image)
+            with exclusive(meta):
+                return _checked_upload(src, meta, opts, creds, shake, prehasher, on_progress)
         except ImagetoolError as exc:
             exc.path = exc.path or image  # every failure names the image it was about
             raise
         finally:
             prehasher.stop()
+
+
+def _checked_upload(
+    src: Source,
+    meta: Path,
+    opts: Options,
+    creds: swift.Credentials,
+    shake: _Handshake,
+    prehasher: _Prehasher,
+    on_progress: Callback | None,
+) -> UploadResult:
+    """What preflight fails is refused; then the upload."""
+    from imagetool.metadata import read_document
+
+    _refuse_what_preflight_fails(src.path, meta)
+    src.ensure_unchanged()
+    doc = read_document(meta)  # as preflight validated it, and no other run can change it now
+    return _upload(src, meta, doc, opts, creds, shake, prehasher, on_progress)
 
 
 def object_name(opts: Options, image: str) -> str:
@@ -667,6 +689,8 @@ def _upload(
     }
     doc["registration"]["http_url"] = url
     doc["upload"] = record
+    from imagetool.metadata import save_document
+
     save_document(meta, doc, inputs={(src.device, src.inode)})
     return UploadResult(
         image=src.path,
