@@ -14,8 +14,6 @@ its default client). The secret and the token never appear in a message.
 from __future__ import annotations
 
 import configparser
-import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -224,13 +222,3 @@ def _error_text(response: Any) -> str:
     text = "; ".join(words) or (response.text or response.reason or "no details")
     text = " ".join(str(text).split())
     return text if len(text) <= _MAX_ERROR_TEXT else text[: _MAX_ERROR_TEXT - 1] + "…"
-
-
-def describe(image: Mapping[str, Any]) -> str:
-    """An image as one line of JSON for a log (sizes and status only)."""
-    keys = ("id", "status", "virtual_size", "disk_size")
-    return json.dumps({k: image.get(k) for k in keys})
-
-
-def environ() -> Mapping[str, str]:
-    return os.environ

@@ -6,8 +6,9 @@ checks, same exit codes). Up to `--segment-size` (and the cluster's
 Swift itself refuses a corrupted transfer. Above, it becomes a Static Large
 Object: segments in `<container>_segments`, sent in parallel, each segment's
 md5 checked against the ETag Swift returns, then the manifest. Segment names
-carry the image's sha256, so a rerun finds the segments an interrupted run left,
-keeps each whose stored md5 equals the local one and sends only the rest.
+carry the container, the object and the image's sha256, so a rerun finds the
+segments an interrupted run left, keeps each whose stored md5 equals the local
+one and sends only the rest, and no other object's or image's segment matches.
 
 swiftclient's SwiftService would upload segments too, but it cannot resume an
 unfinished one (it skips only whole identical objects); its Connection (auth,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import queue
 import threading
@@ -469,7 +471,7 @@ def _confirm(conn: Any, container: str, obj: str, size: int, etag: str) -> None:
         )
 
 
-def _verify_download(url: str, size: int, sha256: str, stop: threading.Event) -> None:
+def _verify_download(url: str, size: int, sha256: str) -> None:
     """GET the temp URL as the library will, and compare sha256 and size with the metadata's."""
     import requests
 
@@ -478,8 +480,6 @@ def _verify_download(url: str, size: int, sha256: str, stop: threading.Event) ->
         if response.status_code != 200:
             raise VerifyFailed(f"the temp URL answered {response.status_code}", code="download_failed")
         for chunk in response.iter_content(_CHUNK):
-            if stop.is_set():
-                raise _Stopped
             digest.update(chunk)
             got += len(chunk)
     if got != size or digest.hexdigest() != sha256:
@@ -610,6 +610,8 @@ def _upload(
     prehasher: _Prehasher,
     on_progress: Callback | None,
 ) -> UploadResult:
+    from imagetool.metadata import save_document
+
     facts = doc["image"]
     size, md5, sha256 = src.size, facts["md5"], facts["sha256"]
     obj, container = object_name(opts, src.path), opts.container
@@ -672,7 +674,7 @@ def _upload(
         url = swift.sign(conn.url, container, obj, key, int(expires.timestamp()), cluster.digest)
     if opts.verify_download:
         with swift.translated(secrets, "downloading through the temp URL"):
-            _verify_download(url, size, sha256, threading.Event())
+            _verify_download(url, size, sha256)
     record: UploadRecord = {
         "endpoint": urlsplit(conn.url).netloc,
         "container": container,
@@ -689,8 +691,6 @@ def _upload(
     }
     doc["registration"]["http_url"] = url
     doc["upload"] = record
-    from imagetool.metadata import save_document
-
     save_document(meta, doc, inputs={(src.device, src.inode)})
     return UploadResult(
         image=src.path,
@@ -756,8 +756,6 @@ def _upload_segments(
         {"path": f"/{seg_container}/{seg.name}", "etag": md5, "size_bytes": seg.length}
         for seg, md5 in zip(plan, md5s, strict=True)
     ]
-    import json
-
     src.ensure_unchanged()  # the segments are this file's bytes only if nothing wrote to it meanwhile
     conn.put_object(
         container,
