@@ -11,11 +11,12 @@ logger is silenced (it logs failed requests, headers included).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import secrets as random_secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 from imagetool.errors import EnvironmentProblem, ImagetoolError, UsageProblem
@@ -183,14 +184,25 @@ def cluster(info: Mapping[str, Any]) -> Cluster:
     )
 
 
+def gone(exc: Exception) -> bool:
+    """Whether a swiftclient failure is Swift saying the thing is not there (404)."""
+    return getattr(exc, "http_status", None) == 404
+
+
+def head(conn: Any, container: str, obj: str | None = None) -> Mapping[str, str] | None:
+    """HEAD a container or an object: its headers, or None when Swift says it is not there (404)."""
+    try:
+        headers = conn.head_object(container, obj) if obj is not None else conn.head_container(container)
+    except Exception as exc:  # swiftclient's ClientException carries the status
+        if gone(exc):
+            return None
+        raise
+    return cast(Mapping[str, str], headers)
+
+
 def temp_url_key(conn: Any, container: str) -> str | None:
     """The container's temp-URL key (a container not made yet has none), else the account's."""
-    try:
-        container_headers = conn.head_container(container)
-    except Exception as exc:
-        if getattr(exc, "http_status", None) != 404:
-            raise
-        container_headers = {}
+    container_headers = head(conn, container) or {}
     account_headers = conn.head_account()
     for headers, kind in ((container_headers, "container"), (account_headers, "account")):
         for suffix in ("", "-2"):
@@ -202,15 +214,8 @@ def temp_url_key(conn: Any, container: str) -> str | None:
 
 def manifest(conn: Any, container: str, obj: str) -> list[dict[str, Any]] | None:
     """The segments a Static Large Object lists ({container, name, hash, bytes}); None for another object."""
-    import json
-
-    try:
-        headers = conn.head_object(container, obj)
-    except Exception as exc:
-        if getattr(exc, "http_status", None) == 404:
-            return None
-        raise
-    if str(headers.get("x-static-large-object", "")).lower() != "true":
+    headers = head(conn, container, obj)
+    if headers is None or str(headers.get("x-static-large-object", "")).lower() != "true":
         return None
     _, body = conn.get_object(container, obj, query_string="multipart-manifest=get")
     found = []
@@ -230,12 +235,9 @@ def intact(conn: Any, segments: list[dict[str, Any]]) -> bool:
     makes every download fail (409) while the HEAD still answers 200.
     """
     for segment in segments:
-        try:
-            headers = conn.head_object(segment["container"], segment["name"])
-        except Exception as exc:
-            if getattr(exc, "http_status", None) == 404:
-                return False
-            raise
+        headers = head(conn, segment["container"], segment["name"])
+        if headers is None:
+            return False
         stored = (str(headers.get("etag", "")).strip('"'), int(headers.get("content-length", -1)))
         if stored != (segment["hash"], segment["bytes"]):
             return False

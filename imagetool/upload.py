@@ -401,7 +401,7 @@ def _stored_segments(conn: Any, container: str, prefix: str) -> dict[str, tuple[
     try:
         _, listing = conn.get_container(container, prefix=prefix, full_listing=True)
     except Exception as exc:  # a missing segment container is simply "nothing stored yet"
-        if getattr(exc, "http_status", None) == 404:
+        if swift.gone(exc):
             return {}
         raise
     return {item["name"]: (int(item["bytes"]), str(item["hash"])) for item in listing}
@@ -422,7 +422,7 @@ def _remove_replaced_segments(conn: Any, old: list[tuple[str, str]], owned: str,
             conn.delete_object(segment_container, name)
             removed += 1
         except Exception as exc:  # already gone (another run cleaned up): fine
-            if getattr(exc, "http_status", None) != 404:
+            if not swift.gone(exc):
                 raise
     return removed
 
@@ -439,12 +439,9 @@ def _already_there(
     previous, image = doc.get("upload"), doc["image"]
     if previous is None or (previous["container"], previous["object"]) != (container, obj):
         return None
-    try:
-        headers = conn.head_object(container, obj)
-    except Exception as exc:
-        if getattr(exc, "http_status", None) == 404:
-            return None
-        raise
+    headers = swift.head(conn, container, obj)
+    if headers is None:
+        return None
     etag = str(headers.get("etag", "")).strip('"')
     same = (
         headers.get("x-object-meta-sha256") == image["sha256"]
@@ -563,30 +560,12 @@ def upload(
 
             meta = Path(metadata) if metadata is not None else default_metadata_path(image)
             with exclusive(meta):
-                return _checked_upload(src, meta, opts, creds, shake, prehasher, on_progress)
+                return _upload(src, meta, opts, creds, shake, prehasher, on_progress)
         except ImagetoolError as exc:
             exc.path = exc.path or image  # every failure names the image it was about
             raise
         finally:
             prehasher.stop()
-
-
-def _checked_upload(
-    src: Source,
-    meta: Path,
-    opts: Options,
-    creds: swift.Credentials,
-    shake: _Handshake,
-    prehasher: _Prehasher,
-    on_progress: Callback | None,
-) -> UploadResult:
-    """What preflight fails is refused; then the upload."""
-    from imagetool.metadata import read_document
-
-    _refuse_what_preflight_fails(src.path, meta)
-    src.ensure_unchanged()
-    doc = read_document(meta)  # as preflight validated it, and no other run can change it now
-    return _upload(src, meta, doc, opts, creds, shake, prehasher, on_progress)
 
 
 def object_name(opts: Options, image: str) -> str:
@@ -603,15 +582,18 @@ def object_name(opts: Options, image: str) -> str:
 def _upload(
     src: Source,
     meta: Path,
-    doc: MetadataDocument,
     opts: Options,
     creds: swift.Credentials,
     shake: _Handshake,
     prehasher: _Prehasher,
     on_progress: Callback | None,
 ) -> UploadResult:
-    from imagetool.metadata import save_document
+    """What preflight fails is refused; then the handshake's answer, the transfer, the record."""
+    from imagetool.metadata import read_document, save_document
 
+    _refuse_what_preflight_fails(src.path, meta)
+    src.ensure_unchanged()
+    doc = read_document(meta)  # as preflight validated it, and no other run can change it now
     facts = doc["image"]
     size, md5, sha256 = src.size, facts["md5"], facts["sha256"]
     obj, container = object_name(opts, src.path), opts.container
