@@ -12,11 +12,14 @@ One writer escapes the times: a process that already has the file mapped and
 dirtied a page keeps writing to it without moving them. So a file is sealed, and
 a seal trusted, only while no process has it open for writing or mapped writable
 (a read lease, F_SETLEASE, is granted only then); any later writer must open or
-map it anew, and its first write moves the times.
+map it anew, and its first write moves the times -- on the filesystems where a
+write through a mapping does (ext2/3/4, xfs, btrfs). tmpfs never moves them for
+one, so files elsewhere are neither sealed nor trusted: they are simply hashed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import hmac
@@ -30,6 +33,8 @@ from typing import TypedDict
 from imagetool.source import Identity
 
 _KEY_BYTES = 32
+# Filesystems whose first write through a fresh mapping moves mtime and ctime (page_mkwrite).
+_TIMES_TRACK_MAPPED_WRITES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs"})
 
 
 class Fingerprint(TypedDict):
@@ -72,28 +77,63 @@ def _key(create: bool) -> bytes | None:
     key = _read_key(path)
     if key is not None or not create:
         return key
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError:  # made meanwhile by another run, or no writable home: no seal, checkers hash
-        return _read_key(path)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(_KEY_BYTES))
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(_KEY_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temp, path)  # whole or not at all; another run's key, made meanwhile, wins
+    except OSError:  # a full or read-only home: no seal, and checkers hash (never a failure)
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
     return _read_key(path)
 
 
-def no_writer(fd: int) -> bool:
-    """Whether no process has the file open for writing or mapped writable, by a read lease.
+def _filesystem(device: int) -> str | None:
+    """The type of the filesystem on `device` (from /proc/self/mountinfo), if it can be told."""
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == wanted and " - " in line:
+                    return line.split(" - ", 1)[1].split()[0]
+    except OSError:
+        pass
+    return None
 
-    The kernel grants a read lease only then; it is released at once. Where leases are
-    not to be had (another owner, a filesystem without them) the answer is no.
+
+def writers(fd: int) -> bool | None:
+    """Whether some process has the file open for writing or mapped writable, by a read lease.
+
+    The kernel grants a read lease only when none has (released at once here): False.
+    True when one has (EAGAIN); None when leases are not to be had (another owner's file,
+    a filesystem without them).
     """
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
+def no_writer(fd: int) -> bool:
+    """Whether the file may be sealed, or its seal trusted: no writer now, on a filesystem whose
+    times tell a later one (otherwise it is simply hashed)."""
+    try:
+        tracked = _filesystem(os.fstat(fd).st_dev) in _TIMES_TRACK_MAPPED_WRITES
     except OSError:
         return False
-    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-    return True
+    return tracked and writers(fd) is False
 
 
 def _seal(key: bytes, identity: Identity, sha256: str, md5: str) -> str:

@@ -21,7 +21,6 @@ from typing import Any
 from imagetool import output
 from imagetool.convert import DEFAULT_LIMIT, ConvertResult, check_options, convert, default_output
 from imagetool.errors import EnvironmentProblem, ImagetoolError, Interrupted, Reason
-from imagetool.fingerprint import sealed
 from imagetool.inspection import Report, inspect_source
 from imagetool.metadata import (
     Fits,
@@ -41,7 +40,7 @@ from imagetool.metadata import (
 from imagetool.policy import MAX_METADATA_BYTES
 from imagetool.progress import Callback, Progress
 from imagetool.sizes import to_mib
-from imagetool.source import Identity, Source, open_source, read_small_file
+from imagetool.source import Source, open_source, read_small_file
 
 _STATUS_EVERY = 1.0  # seconds between `creating` updates of the JSON file
 
@@ -94,30 +93,6 @@ def _may_replace(meta_path: Path) -> bool:
             code="busy",
         )
     return _abandoned(doc)
-
-
-def _seal_committed(image: ImageFacts, hashed: Identity | None, target: Path) -> None:
-    """Seal the committed qcow2's checksums, so that upload need not read it again.
-
-    They were computed from our own temp file while imagetool still held it open for
-    writing (so it could not be sealed then); putting it in place moved its ctime. It is
-    sealed now if it is the file that was hashed (same inode, size and mtime) and no
-    writer has it open; otherwise it gets no fingerprint and checkers read it again.
-    """
-    if hashed is None:
-        return
-    try:
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        now = Identity.of(os.fstat(fd))
-        same = (hashed.device, hashed.inode, hashed.size, hashed.mtime_ns) == (
-            now.device, now.inode, now.size, now.mtime_ns)  # fmt: skip
-        if same and (fresh := sealed(fd, now, image["sha256"], image["md5"])) is not None:
-            image["fingerprint"] = fresh
-    finally:
-        os.close(fd)
 
 
 def _undo(
@@ -175,7 +150,7 @@ def prepare(
     last_write = [0.0]
     written = [False]
     exact: list[int | None] = [None]
-    hashed: list[Identity | None] = [None]
+    report: list[Report | None] = [None]
 
     def record(state: Status, fit: Fits | None = None) -> MetadataDocument:
         doc = document(reg, image, fit, state, checks)
@@ -203,10 +178,16 @@ def prepare(
             progress(p)
 
     def measure(out: Source, verified: Report | None) -> None:
-        """Checksums and sizes of the finished qcow2, read before it is put in place."""
+        """The finished qcow2's report, taken before it is put in place (its checksums come after)."""
+        report[0] = verified or inspect_source(out)
+
+    def checksum() -> None:
+        """Checksums of the qcow2 in place, once imagetool's own writer is closed: so that no writer
+        is about while it is hashed, and its fingerprint can be sealed (fingerprint.py)."""
         nonlocal image
-        image = image_facts(out, verified or inspect_source(out), disk_size=exact[0])
-        hashed[0] = out.identity  # unchanged through the hashing (image_facts made sure)
+        assert report[0] is not None
+        with open_source(str(target)) as out:
+            image = image_facts(out, report[0], disk_size=exact[0])
         if add_facts:
             add_facts(image)
 
@@ -228,12 +209,15 @@ def prepare(
             before_commit=measure,
         )
         checks.extend(["convert", "verify"] if verify else ["convert"])
-        _seal_committed(image, hashed[0], target)
+        checksum()
         doc = record(status("available"), fits(image["virtual_size"], server_disk))
     except ImagetoolError as exc:
         _undo(result, target, record, written[0], Reason(exc.code, exc.message))
         raise
     except (KeyboardInterrupt, Interrupted):
         _undo(result, target, record, written[0], Reason("interrupted", "interrupted before it finished"))
+        raise
+    except OSError as exc:  # the machine said no where no check expected it: no qcow2 is kept either
+        _undo(result, target, record, written[0], Reason("io_error", str(exc)))
         raise
     return target, meta_path, doc, result

@@ -42,8 +42,9 @@ class Secrets:
     values: set[str] = field(default_factory=set)
 
     def add(self, value: str | None) -> None:
+        """The secret, and the escaped forms a library's message may show it in (repr of str, bytes)."""
         if value and len(value) >= 4:  # shorter "secrets" would blank out ordinary words
-            self.values.add(value)
+            self.values |= {value, repr(value)[1:-1], repr(value.encode("utf-8", "surrogateescape"))[2:-1]}
 
     def redact(self, text: str) -> str:
         for value in sorted(self.values, key=len, reverse=True):

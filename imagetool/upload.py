@@ -43,6 +43,8 @@ from imagetool.errors import (
     UsageProblem,
     VerifyFailed,
 )
+from imagetool.fingerprint import writers
+from imagetool.output import check_target
 from imagetool.policy import URL_MARGIN_SECONDS
 from imagetool.progress import Callback, Progress
 from imagetool.sizes import parse_size
@@ -239,9 +241,9 @@ class _Prehasher:
         if self.thread.is_alive():
             self.thread.join()
 
-    def take(self, seg: Segment) -> tuple[Any, int] | None:
+    def take(self, seg: Segment, segment_size: int) -> tuple[Any, int] | None:
         """The head start of `seg` (after stop()), if the walk cut the image the same way."""
-        if seg.offset != seg.index * self.segment_size or seg.length > self.segment_size:
+        if segment_size != self.segment_size:  # the cluster's limit made the segments smaller
             return None
         found = self.progress.get(seg.index)
         return (found[0].copy(), found[1]) if found else None
@@ -320,6 +322,7 @@ class _Run:
 
     first: Any = None  # the main thread's connection: the others start with its token
     prehashed: _Prehasher | None = None
+    segment_size: int = 0  # the plan's (the cluster may allow less than asked)
 
     def connection(self) -> Any:
         conn = getattr(self.local, "conn", None)
@@ -333,7 +336,7 @@ def _put_segment(
     run: _Run, container: str, seg: Segment, stored: Mapping[str, tuple[int, str]]
 ) -> tuple[str, bool]:
     """Send one segment unless an earlier run stored it with the same md5; (md5, sent)."""
-    head_start = run.prehashed.take(seg) if run.prehashed is not None else None
+    head_start = run.prehashed.take(seg, run.segment_size) if run.prehashed is not None else None
     if stored.get(seg.name, (None, None))[0] == seg.length:
         local = _md5_of(run.fd, seg.offset, seg.length, run.stop, head_start)
         if local == stored[seg.name][1]:
@@ -568,6 +571,20 @@ def upload(
             prehasher.stop()
 
 
+def _refuse_writers(src: Source) -> None:
+    """No upload while another process has the image open for writing or mapped writable.
+
+    A writer with a mapping changes bytes without moving the file's times, so nothing
+    after the fact would tell; the kernel tells now (fingerprint.writers: a read lease).
+    """
+    if writers(src.fd):
+        raise EnvironmentProblem(
+            "another process has the image open for writing (or mapped): its bytes may change while "
+            "they are sent; close it and run again",
+            code="image_in_use",
+        )
+
+
 def object_name(opts: Options, image: str) -> str:
     """--object, or the image's file name: Swift's rules and the document's (text a terminal shows)."""
     what = "--object" if opts.object is not None else "the image's file name (give --object NAME)"
@@ -591,9 +608,11 @@ def _upload(
     """What preflight fails is refused; then the handshake's answer, the transfer, the record."""
     from imagetool.metadata import read_document, save_document
 
+    _refuse_writers(src)
     _refuse_what_preflight_fails(src.path, meta)
     src.ensure_unchanged()
     doc = read_document(meta)  # as preflight validated it, and no other run can change it now
+    check_target(meta, force=True, inputs={(src.device, src.inode)})  # writable, before a byte is sent
     facts = doc["image"]
     size, md5, sha256 = src.size, facts["md5"], facts["sha256"]
     obj, container = object_name(opts, src.path), opts.container
@@ -617,6 +636,7 @@ def _upload(
                 "this Swift has no tempurl middleware: no URL can be signed", code="no_tempurl"
             )
         seg_size = _segment_size(size, opts, cluster, obj)
+        run.segment_size = seg_size or 0
         key_set = False
         if key is None:  # said before anything is made or sent
             if not opts.set_temp_url_key:
@@ -739,6 +759,7 @@ def _upload_segments(
         for seg, md5 in zip(plan, md5s, strict=True)
     ]
     src.ensure_unchanged()  # the segments are this file's bytes only if nothing wrote to it meanwhile
+    _refuse_writers(src)  # nor has it open now (a mapping's writes do not move the times)
     conn.put_object(
         container,
         obj,

@@ -255,3 +255,16 @@ def test_a_sealing_key_that_is_not_private_is_not_used(cli, tmp_path, monkeypatc
         assert fingerprint is not None and (tmp_path / "home" / ".local" / "state" / "imagetool").is_dir()
     else:
         assert fingerprint is None
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm")
+def test_files_on_tmpfs_are_never_sealed(cli, tmp_path):
+    """tmpfs does not move a file's times for writes through a mapping: a seal there proves nothing."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        raw = Path(shm) / "t.raw"
+        shutil.copyfile(SAMPLE, raw)
+        result = cli("metadata", raw, "--name", "t", "--arch", "x86_64", "--username", "u", "--json")
+        assert result.code == 0, result.err
+        assert "fingerprint" not in result.json["image"]

@@ -493,3 +493,34 @@ def test_a_large_object_whose_segments_are_gone_is_sent_again(
     assert again.code == 0, again.err
     assert again.json["reused"] is False and again.json["sent_segments"] == 1  # only the lost one
     assert fetch(again.json["url"])[1] == image.read_bytes()
+
+
+def test_an_image_another_process_has_mapped_for_writing_is_not_sent(
+    cli, swift_env, swift_cluster, images, tmp_path
+):
+    """Its writes through the mapping would not move the file's times: nothing after the fact could tell."""
+    import mmap
+
+    image = copy_of(images, "big", tmp_path)
+    c = container()
+    with image.open("r+b") as f, mmap.mmap(f.fileno(), 0):
+        result = cli("upload", image, "-c", c, "--set-temp-url-key", "--json")
+    assert result.code == 5 and result.json["error"]["code"] == "image_in_use"
+    assert swift_request(swift_cluster, "HEAD", f"/{c}")[0] == 404
+
+
+def test_a_segment_size_over_the_clusters_limit_still_uploads(cli, swift_env, images, tmp_path):
+    image = copy_of(images, "big", tmp_path)
+    result = cli("upload", image, "-c", container(), "--segment-size", "16M", "--set-temp-url-key", "--json")
+    assert result.code == 0, result.err  # the prehash was cut at 16M, the plan at the cluster's 8M
+    assert result.json["record"]["segments"] == -(-image.stat().st_size // (8 << 20))
+    assert fetch(result.json["url"])[1] == image.read_bytes()
+
+
+def test_a_key_with_a_control_character_is_not_echoed_in_any_form(
+    cli, swift_env, images, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("ST_KEY", "testing\r")  # a CRLF key file: libraries show it as 'testing\\r'
+    result = cli("upload", copy_of(images, "small", tmp_path), "-c", container(), "--retries", "0", "--json")
+    assert result.code == 5
+    assert "testing" not in result.out + result.err
