@@ -22,7 +22,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from imagetool.errors import EnvironmentProblem, ImageRejected, ImagetoolError, Reason
-from imagetool.swift import Secrets
+from imagetool.swift import Secrets, network_reason
 
 DEFAULT_API_URL = "https://api.gb1.brightbox.com"
 TIMEOUT = (10.0, 60.0)  # connect, read (seconds)
@@ -164,7 +164,7 @@ class Client:
                     break
                 problem = f"{response.status_code} {response.reason}"
             except requests.RequestException as exc:
-                problem = self.secrets.redact(f"{type(exc).__name__}: {exc}")
+                problem = network_reason(exc, self.secrets)
                 if attempt == len(waits):
                     raise Unanswered(f"{method} {path}: no answer from {self.host} ({problem})") from None
             self.sleep(waits[attempt])

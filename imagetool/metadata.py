@@ -31,6 +31,7 @@ import shlex
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Required, TypedDict, cast
@@ -38,11 +39,12 @@ from typing import Any, Literal, NoReturn, Required, TypedDict, cast
 from jsonschema import Draft202012Validator, ValidationError
 
 from imagetool import __version__, qemu
+from imagetool.durations import parse_iso
 from imagetool.errors import EnvironmentProblem, ImageRejected, Reason, UsageProblem
 from imagetool.fingerprint import Fingerprint, no_writer, sealed, vouches
 from imagetool.inspection import DEFAULT_MAX_VIRTUAL_SIZE, Report, inspect_source
 from imagetool.output import FileKey, check_target, write_file
-from imagetool.policy import MAX_JSON_DEPTH, MAX_METADATA_BYTES
+from imagetool.policy import MAX_JSON_DEPTH, MAX_METADATA_BYTES, URL_MARGIN_SECONDS
 from imagetool.sizes import to_mib
 from imagetool.source import Source, open_source, read_small_file
 from imagetool.text import metadata_schema as schema
@@ -166,6 +168,16 @@ class UploadRecord(TypedDict):
     expires_at: str  # when the signed http_url stops working
     digest: str  # what the temp URL is signed with
     verified_download: bool
+
+
+def url_lasts(record: UploadRecord, now: datetime) -> bool:
+    """Whether an upload's temp URL still works long enough for the library's download.
+
+    Registration is asynchronous: the library fetches the image after the API answered,
+    so the URL must outlive the request by URL_MARGIN_SECONDS.
+    """
+    expires = parse_iso(record["expires_at"])
+    return expires is not None and expires >= now + timedelta(seconds=URL_MARGIN_SECONDS)
 
 
 class LibraryRecord(TypedDict, total=False):

@@ -28,8 +28,9 @@ from imagetool.metadata import (
     registration_problems,
     schema_errors,
     upload_problems,
+    url_lasts,
 )
-from imagetool.policy import MAX_DISK_SIZE, MAX_METADATA_BYTES, URL_MARGIN_SECONDS
+from imagetool.policy import MAX_DISK_SIZE, MAX_METADATA_BYTES
 from imagetool.sizes import human, to_mib
 from imagetool.source import Source, open_source, read_small_file
 
@@ -264,15 +265,12 @@ def _mismatches(doc: MetadataDocument, ours: ImageFacts, report: Report) -> list
 
 def _upload_check(doc: MetadataDocument) -> list[Check]:
     """An uploaded document's temp URL must outlive the library's download (docs/orbit-upload.md)."""
-    from datetime import UTC, datetime, timedelta
-
-    from imagetool.durations import parse_iso
+    from datetime import UTC, datetime
 
     upload = doc.get("upload")
     if upload is None:
         return []
-    expires = parse_iso(upload["expires_at"])
-    if expires is None or expires < datetime.now(UTC) + timedelta(seconds=URL_MARGIN_SECONDS):
+    if not url_lasts(upload, datetime.now(UTC)):
         message = f"the temp URL expires at {upload['expires_at']}: sign a new one (imagetool upload)"
         return [Check("upload_url", "warn", message, "url_expired")]
     where = f"{upload['container']}/{upload['object']}"

@@ -18,12 +18,11 @@ from typing import Any
 
 from imagetool import upload as uploading
 from imagetool.convert import default_output
-from imagetool.durations import parse_iso
 from imagetool.errors import ImageRejected, ImagetoolError, Reason, UsageProblem
-from imagetool.metadata import MetadataDocument, Registration, default_metadata_path, read_document
+from imagetool.metadata import MetadataDocument, Registration, default_metadata_path, read_document, url_lasts
 from imagetool.prepare import prepare
 from imagetool.progress import Callback
-from imagetool.register import DEFAULT_TIMEOUT, URL_MARGIN, RegisterResult, StatusCallback, register
+from imagetool.register import DEFAULT_TIMEOUT, RegisterResult, StatusCallback, register
 
 SCHEMA = "imagetool.publish/1"
 
@@ -86,10 +85,7 @@ def _uploaded(doc: MetadataDocument, opts: uploading.Options, image: str, now: d
     where = (opts.container, uploading.object_name(opts, image))
     if record is None or (record["container"], record["object"]) != where:
         return False
-    if "http_url" not in doc["registration"]:
-        return False
-    expires = parse_iso(record["expires_at"])
-    return expires is not None and expires >= now + URL_MARGIN
+    return "http_url" in doc["registration"] and url_lasts(record, now)
 
 
 def _registered(doc: MetadataDocument) -> bool:

@@ -22,14 +22,20 @@ from typing import Any
 from imagetool.durations import iso, parse_iso
 from imagetool.errors import EnvironmentProblem, ImageRejected, ImagetoolError, Reason
 from imagetool.library import ApiCredentials, Client, Unanswered, credentials
-from imagetool.metadata import LibraryRecord, MetadataDocument, exclusive, read_document, save_document
+from imagetool.metadata import (
+    LibraryRecord,
+    MetadataDocument,
+    exclusive,
+    read_document,
+    save_document,
+    upload_problems,
+    url_lasts,
+)
 from imagetool.output import key_of
-from imagetool.policy import URL_MARGIN_SECONDS
-from imagetool.swift import Secrets, head_url
+from imagetool.swift import Secrets, etag, head_url
 
 SCHEMA = "imagetool.register/1"
 DEFAULT_TIMEOUT = 30 * 60
-URL_MARGIN = timedelta(seconds=URL_MARGIN_SECONDS)
 POLL = (2.0, 4.0, 8.0, 15.0)  # waits between looks while `creating` (the last one repeats)
 POST_WAITS = (2.0, 4.0)  # waits between tries of a POST that provably made nothing
 ADOPT_SKEW = timedelta(minutes=5)  # clock difference allowed between us and the API's created_at
@@ -75,18 +81,14 @@ def _not_ready(path: Path, why: str, code: str) -> ImageRejected:
 
 
 def check_ready(path: Path, doc: MetadataDocument, now: datetime) -> None:
-    """What registering needs of the document: finished, uploaded, a URL that outlives the download."""
-    if doc["status"]["state"] != "available":
-        raise _not_ready(path, f"status is {doc['status']['state']!r}, not 'available'", "not_ready")
-    if "username" not in doc["registration"]:
-        raise _not_ready(
-            path, "registration/username is missing (the login that gets the SSH key)", "not_ready"
-        )
+    """What registering needs of the document: what an upload needs, the upload, a URL that lasts."""
+    problems = upload_problems(doc)
+    if problems:
+        raise _not_ready(path, "; ".join(problems), "not_ready")
     upload = doc.get("upload")
     if "http_url" not in doc["registration"] or upload is None:
         raise _not_ready(path, "not uploaded yet: run imagetool upload first", "not_uploaded")
-    expires = parse_iso(upload["expires_at"])
-    if expires is None or expires < now + URL_MARGIN:
+    if not url_lasts(upload, now):
         raise EnvironmentProblem(
             f"the temp URL expires at {upload['expires_at']}, too soon for the library's download: "
             "run imagetool upload again to sign a new one",
@@ -150,7 +152,7 @@ def check_object(path: Path, doc: MetadataDocument, secrets: Secrets) -> None:
         )
     # The ETag, not X-Object-Meta-Sha256: the tempurl middleware strips object metadata from
     # what it serves. One piece: the image's md5; a large object: md5 of its segments' md5s.
-    stored_etag = str(headers.get("etag", "")).strip('"')
+    stored_etag = etag(headers)
     stored_size = headers.get("content-length")
     if stored_etag != doc["upload"]["etag"] or stored_size != str(image["file_size"]):
         message = (
@@ -222,14 +224,17 @@ def _register(
     client = Client(creds, sleep=sleep)
     previous = doc.get("library")
     created = adopted = False
+    following = previous is not None and "image_id" in previous and previous["status"] != "failed"
     try:
-        client.login()
-        image: dict[str, Any] | None = None
-        if previous is not None and "image_id" in previous and previous["status"] != "failed":
-            image = client.image(previous["image_id"])  # on record: followed, never created again
-        else:
+        if not following:  # the document's own problems first, before the API is asked anything
             check_ready(path, doc, datetime.now(UTC))
             check_object(path, doc, client.secrets)
+        client.login()
+        image: dict[str, Any] | None = None
+        if following:
+            assert previous is not None
+            image = client.image(previous["image_id"])  # on record: followed, never created again
+        else:
             since = parse_iso(previous.get("attempt_started", "")) if previous else None
             if previous is not None and previous["status"] == "registering" and since is not None:
                 # an earlier run's POST may have made it: only an image not there before that POST

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import secrets as random_secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -106,6 +107,18 @@ def credentials(environ: Mapping[str, str]) -> Credentials:
     raise EnvironmentProblem("no Swift credentials: " + _HOW_TO_AUTH, code="no_credentials")
 
 
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
+
+
+def network_reason(exc: BaseException, secrets: Secrets) -> str:
+    """Why a request failed, in a few words: the OS's reason (connection refused, name not known)
+    rather than a library's nested repr; secrets redacted."""
+    text = str(exc)
+    found = _ERRNO.findall(text)
+    short = found[-1].strip() if found else (text if len(text) <= 200 else type(exc).__name__)
+    return secrets.redact(short or type(exc).__name__)
+
+
 def failure(exc: BaseException, secrets: Secrets, doing: str) -> ImagetoolError:
     """A swiftclient or network failure as one of our errors: 401/403 says check the credentials."""
     from swiftclient.exceptions import ClientException
@@ -117,7 +130,7 @@ def failure(exc: BaseException, secrets: Secrets, doing: str) -> ImagetoolError:
     if isinstance(exc, ClientException) and status is not None:
         detail = f"{status} {exc.http_reason}".strip()
         return EnvironmentProblem(f"{doing}: Swift answered {detail}", code="swift_error")
-    text = secrets.redact(str(exc) or type(exc).__name__)
+    text = network_reason(exc, secrets)
     if isinstance(exc, ImportError):  # Keystone auth needs python-keystoneclient
         text = f"{text} (Keystone auth needs python-keystoneclient: pip install python-keystoneclient)"
     return EnvironmentProblem(f"{doing}: {text}", code="swift_unreachable")
@@ -185,6 +198,11 @@ def cluster(info: Mapping[str, Any]) -> Cluster:
     )
 
 
+def etag(headers: Mapping[str, str]) -> str:
+    """An ETag header's value without the quotes Swift puts around a large object's."""
+    return str(headers.get("etag", "")).strip('"')
+
+
 def gone(exc: Exception) -> bool:
     """Whether a swiftclient failure is Swift saying the thing is not there (404)."""
     return getattr(exc, "http_status", None) == 404
@@ -239,7 +257,7 @@ def intact(conn: Any, segments: list[dict[str, Any]]) -> bool:
         headers = head(conn, segment["container"], segment["name"])
         if headers is None:
             return False
-        stored = (str(headers.get("etag", "")).strip('"'), int(headers.get("content-length", -1)))
+        stored = (etag(headers), int(headers.get("content-length", -1)))
         if stored != (segment["hash"], segment["bytes"]):
             return False
     return True

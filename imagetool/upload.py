@@ -445,7 +445,7 @@ def _already_there(
     headers = swift.head(conn, container, obj)
     if headers is None:
         return None
-    etag = str(headers.get("etag", "")).strip('"')
+    etag = swift.etag(headers)
     same = (
         headers.get("x-object-meta-sha256") == image["sha256"]
         and int(headers.get("content-length", -1)) == size
@@ -462,7 +462,7 @@ def _confirm(conn: Any, container: str, obj: str, size: int, etag: str) -> None:
     """HEAD the object: Swift must hold exactly `size` bytes under the ETag we computed."""
     headers = conn.head_object(container, obj)
     stored_size = int(headers.get("content-length", -1))
-    stored_etag = headers.get("etag", "").strip('"')
+    stored_etag = swift.etag(headers)
     if stored_size != size or stored_etag != etag:
         raise VerifyFailed(
             f"Swift holds {stored_size} bytes with ETag {stored_etag}; "
